@@ -1,0 +1,71 @@
+"""The `hpa-edge` command: one explicit table of subcommands, each loaded only when called.
+
+A device install lacks the workstation's TensorFlow and scikit-learn, so a subcommand's
+module is imported only when that subcommand runs; `hpa-edge --help` imports none of them.
+Each subcommand module offers `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from agent import __version__
+
+
+class Command(NamedTuple):
+    module: str
+    summary: str
+    extra: str  # the install extra the command needs
+
+
+COMMANDS: dict[str, Command] = {
+    "synth": Command("export.synth", "write synthetic HPA stacks and a train.csv", "core"),
+    "check-stack": Command("agent.check_stack", "read stacks and report each as OK or why not", "core"),
+    "baseline": Command(
+        "export.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpa-edge",
+        description="Protein-location analysis of HPA fluorescence stacks, on the microscope's computer.",
+        epilog="Run 'hpa-edge COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpa-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not args or args[0] not in COMMANDS:
+        parsed = parser.parse_args(args)  # handles --help, --version and unknown commands
+        parser.print_help()
+        return 2 if parsed.command is None else 0
+    name = args[0]
+    command = COMMANDS[name]
+    try:
+        module = importlib.import_module(command.module)
+    except ImportError as exc:
+        print(
+            f"hpa-edge {name}: needs the '{command.extra}' install extra "
+            f"(pip install 'hpa-edge[{command.extra}]'): {exc}",
+            file=sys.stderr,
+        )
+        return 3
+    sub = argparse.ArgumentParser(prog=f"hpa-edge {name}", description=module.__doc__)
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(args[1:])))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
