@@ -1,0 +1,180 @@
+"""Write synthetic HPA stacks in the Kaggle layout (`<id>_<channel>.png` + `train.csv`).
+
+Label sets follow the real data set: by default the per-location frequencies and the
+number of labels per stack of the 31,072-stack Kaggle training set (agent.labels); with
+`--prior CSV`, label sets are drawn from a real label file, which also keeps which
+locations occur together. Every stack's pixels depend only on (seed, index), so a run is
+repeatable whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.labels import (
+    CHANNELS,
+    KAGGLE_LABELS_PER_STACK,
+    KAGGLE_LOCATION_COUNTS,
+    KAGGLE_N_STACKS,
+    N_LOCATIONS,
+)
+from export.cells import paint_stack
+from export.dataset import DatasetError, read_labels
+
+GENERATOR_VERSION = 1
+LabelSets = list[tuple[int, ...]]
+
+
+def calibrated_weights(
+    marginals: Sequence[float], k_probs: Sequence[float], iterations: int = 30, samples: int = 40_000
+) -> np.ndarray:
+    """Sampling weights such that "draw k labels without replacement, proportional to the
+    weights" reproduces the wanted per-location marginal frequencies.
+
+    Plain count-proportional weights under-sample rare locations once frequent ones are
+    taken, so the weights are corrected a few times against a fixed simulation.
+    """
+    target = np.asarray(marginals, dtype=np.float64)
+    rng = np.random.default_rng(12345)
+    ks = rng.choice(np.arange(1, len(k_probs) + 1), size=samples, p=np.asarray(k_probs) / sum(k_probs))
+    gumbel = rng.gumbel(size=(samples, len(target)))
+    weights = target.copy()
+    for _ in range(iterations):
+        achieved = _top_k_frequencies(np.log(weights) + gumbel, ks)
+        weights *= np.clip(target / np.maximum(achieved, 1e-9), 0.5, 2.0)
+        weights /= weights.sum()
+    return weights
+
+
+def _top_k_frequencies(keys: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    order = np.argsort(-keys, axis=1)
+    chosen = np.zeros(keys.shape, dtype=bool)
+    rows = np.arange(len(keys))
+    for j in range(int(ks.max())):
+        take = ks > j
+        chosen[rows[take], order[take, j]] = True
+    return chosen.mean(axis=0)
+
+
+def sample_label_sets(n: int, seed: int, prior: LabelSets | None = None) -> LabelSets:
+    """n label sets, from the Kaggle frequencies or drawn with replacement from `prior`."""
+    rng = np.random.default_rng([seed, 0])
+    if prior:
+        picks = rng.integers(0, len(prior), size=n)
+        return [prior[int(i)] for i in picks]
+    marginals = np.asarray(KAGGLE_LOCATION_COUNTS) / KAGGLE_N_STACKS
+    k_probs = np.asarray(KAGGLE_LABELS_PER_STACK, dtype=np.float64)
+    weights = calibrated_weights(marginals, k_probs)
+    ks = rng.choice(np.arange(1, len(k_probs) + 1), size=n, p=k_probs / k_probs.sum())
+    keys = np.log(weights) + rng.gumbel(size=(n, N_LOCATIONS))
+    order = np.argsort(-keys, axis=1)
+    return [tuple(sorted(int(x) for x in order[i, : ks[i]])) for i in range(n)]
+
+
+def stack_id(seed: int, index: int) -> str:
+    return f"synth{seed}-{index:06d}"
+
+
+def write_stack(out: Path, seed: int, index: int, labels: tuple[int, ...], size: int, depth: int) -> str:
+    """Paint and write one stack; files appear under their final names only when complete."""
+    rng = np.random.default_rng([seed, index + 1])
+    channels = paint_stack(rng, labels, size=size, depth=depth)
+    sid = stack_id(seed, index)
+    for channel in CHANNELS:
+        final = out / f"{sid}_{channel}.png"
+        partial = out / f".{sid}_{channel}.png.tmp"
+        ok, encoded = cv2.imencode(".png", channels[channel], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {final}")
+        partial.write_bytes(encoded.tobytes())
+        os.replace(partial, final)
+    return sid
+
+
+def _write_one(job: tuple[Path, int, int, tuple[int, ...], int, int]) -> str:
+    return write_stack(*job)
+
+
+def generate(
+    out: Path, n: int, seed: int, size: int = 512, depth: int = 8, workers: int | None = None,
+    prior: LabelSets | None = None, progress: bool = False,
+) -> Path:
+    """Write n stacks and `train.csv` into `out`; return the label file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    label_sets = sample_label_sets(n, seed, prior)
+    jobs = [(out, seed, i, labels, size, depth) for i, labels in enumerate(label_sets)]
+    workers = workers or os.cpu_count() or 1
+    started = time.monotonic()
+    if workers == 1:
+        done_ids = []
+        for job in jobs:
+            done_ids.append(_write_one(job))
+            _report(progress, len(done_ids), n, started)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            done_ids = []
+            for sid in pool.map(_write_one, jobs, chunksize=8):
+                done_ids.append(sid)
+                _report(progress, len(done_ids), n, started)
+    labels_csv = out / "train.csv"
+    partial = out / ".train.csv.tmp"
+    lines = ["Id,Target"] + [f"{stack_id(seed, i)},{' '.join(map(str, s))}" for i, s in enumerate(label_sets)]
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, labels_csv)
+    meta = {"generator": "hpa-edge synth", "version": GENERATOR_VERSION, "n": n, "seed": seed,
+            "size": size, "bit_depth": depth, "prior": "file" if prior else "kaggle-2018-frequencies"}
+    (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return labels_csv
+
+
+def _report(enabled: bool, done: int, total: int, started: float) -> None:
+    if not enabled or (done % 25 and done != total):
+        return
+    elapsed = time.monotonic() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else 0.0
+    print(f"synth: {done}/{total} stacks, {rate:.1f} stacks/s, eta {eta:.0f} s", flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the stacks and train.csv into")
+    parser.add_argument("--n", type=int, default=100, help="number of stacks (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512, as HPA)")
+    parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 12, 16),
+                        help="8 writes 8-bit PNGs; 12 or 16 write 16-bit PNGs holding that many bits")
+    parser.add_argument("--prior", type=Path, help="draw label sets from this Id,Target file (e.g. the real train.csv)")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already has a train.csv")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        print("hpa-edge synth: --n must be at least 1")
+        return 2
+    if not 32 <= args.size <= 4096:
+        print("hpa-edge synth: --size must be 32..4096")
+        return 2
+    if (args.out / "train.csv").exists() and not args.overwrite:
+        print(f"hpa-edge synth: {args.out / 'train.csv'} exists; pass --overwrite to replace that data set")
+        return 2
+    try:
+        prior = [row.labels for row in read_labels(args.prior)] if args.prior else None
+    except DatasetError as exc:
+        print(f"hpa-edge synth: --prior: {exc}")
+        return 2
+    started = time.monotonic()
+    labels_csv = generate(args.out, args.n, args.seed, args.size, args.bit_depth,
+                          args.workers or None, prior, progress=not args.quiet)
+    print(f"synth: wrote {args.n} stacks and {labels_csv} in {time.monotonic() - started:.1f} s")
+    return 0
