@@ -45,8 +45,34 @@ CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 # and how many stacks carry 1..5 labels. Used as priors for synthetic data and for tests of
 # stratification; kept here so the numbers have one home.
 KAGGLE_LOCATION_COUNTS: tuple[int, ...] = (
-    12885, 1254, 3621, 1561, 1858, 2513, 1008, 2822, 53, 45, 28, 1093, 688, 537,
-    1066, 21, 530, 210, 902, 1482, 172, 3777, 802, 2965, 322, 8228, 328, 11,
+    12885,
+    1254,
+    3621,
+    1561,
+    1858,
+    2513,
+    1008,
+    2822,
+    53,
+    45,
+    28,
+    1093,
+    688,
+    537,
+    1066,
+    21,
+    530,
+    210,
+    902,
+    1482,
+    172,
+    3777,
+    802,
+    2965,
+    322,
+    8228,
+    328,
+    11,
 )
 KAGGLE_LABELS_PER_STACK: tuple[int, ...] = (15126, 12485, 3160, 299, 2)  # 1, 2, 3, 4, 5 labels
 KAGGLE_N_STACKS = 31072

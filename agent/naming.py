@@ -43,7 +43,7 @@ class NamingScheme:
         try:
             regex = re.compile(self.pattern, re.IGNORECASE if self.ignore_case else 0)
         except re.error as exc:
-            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}")
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
         groups = set(regex.groupindex)
         if "channel" not in groups:
             raise ValueError(f"pattern {self.pattern!r} has no (?P<channel>...) group")

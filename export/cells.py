@@ -89,8 +89,10 @@ def _place_cells(rng: Rng, size: int, scale: float, crowded: bool) -> list[Cell]
         radius = float(rng.uniform(38, 68)) * scale
         center = (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
         # Cells may touch (that makes junctions) but not sit on top of each other.
-        if any(np.hypot(center[0] - c.center[0], center[1] - c.center[1]) < spacing * (radius + c.radius)
-               for c in cells):
+        if any(
+            np.hypot(center[0] - c.center[0], center[1] - c.center[1]) < spacing * (radius + c.radius)
+            for c in cells
+        ):
             continue
         cells.append(_make_cell(rng, len(cells) + 1, center, radius))
     return cells
@@ -107,8 +109,9 @@ def _make_cell(rng: Rng, index: int, center: Point, radius: float) -> Cell:
     offset = rng.uniform(0, 0.2) * radius
     ncenter = (center[0] + offset * np.cos(direction), center[1] + offset * np.sin(direction))
     axes = (radius * rng.uniform(0.38, 0.5), radius * rng.uniform(0.32, 0.45))
-    return Cell(index, center, radius, np.rint(contour).astype(np.int32),
-                (ncenter, axes, float(rng.uniform(0, 180))))
+    return Cell(
+        index, center, radius, np.rint(contour).astype(np.int32), (ncenter, axes, float(rng.uniform(0, 180)))
+    )
 
 
 def _add_nucleoli(rng: Rng, cell: Cell, scale: float) -> None:
@@ -127,7 +130,7 @@ def _mtoc(rng: Rng, cell: Cell) -> Point:
 
 
 def _microtubules(rng: Rng, cells: list[Cell], cell_map: np.ndarray, scale: float) -> np.ndarray:
-    red = np.zeros(cell_map.shape, np.float32)
+    red: np.ndarray = np.zeros(cell_map.shape, np.float32)
     for cell in cells:
         layer = np.zeros_like(red)
         points = cell.contour.astype(np.float64)
@@ -189,8 +192,17 @@ def _nuclear_membrane(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
     img = np.zeros(f.cell_map.shape, np.float32)
     for cell in f.cells:
         (cx, cy), (ax, ay), angle = cell.nucleus
-        cv2.ellipse(img, _pt((cx, cy)), _pt((ax, ay)), angle, 0, 360, float(gain[cell.index]),
-                    max(1, round(2 * f.scale)), cv2.LINE_AA)
+        cv2.ellipse(
+            img,
+            _pt((cx, cy)),
+            _pt((ax, ay)),
+            angle,
+            0,
+            360,
+            float(gain[cell.index]),
+            max(1, round(2 * f.scale)),
+            cv2.LINE_AA,
+        )
     return img
 
 
@@ -230,8 +242,14 @@ def _golgi(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
         mx, my = cell.mtoc
         for _ in range(int(rng.integers(6, 14))):
             dx, dy = rng.normal(0, 4.5 * f.scale, 2)
-            cv2.circle(img, _pt((mx + dx, my + dy)), max(1, round(rng.uniform(1.5, 3.5) * f.scale)),
-                       float(gain[cell.index] * rng.uniform(0.6, 1.0)), -1, cv2.LINE_AA)
+            cv2.circle(
+                img,
+                _pt((mx + dx, my + dy)),
+                max(1, round(rng.uniform(1.5, 3.5) * f.scale)),
+                float(gain[cell.index] * rng.uniform(0.6, 1.0)),
+                -1,
+                cv2.LINE_AA,
+            )
     return img * (f.cell_map > 0)
 
 
@@ -256,8 +274,14 @@ def _intermediate_filaments(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
             theta = np.linspace(start, start + rng.uniform(1.5, 4.0), 40)
             reach = rng.uniform(1.1, 1.9) + 0.15 * np.sin(3 * theta + rng.uniform(0, 6))
             pts = np.stack([cx + reach * ax * np.cos(theta), cy + reach * ay * np.sin(theta)], 1)
-            cv2.polylines(img, [np.rint(pts).astype(np.int32)], False, float(gain[cell.index]),
-                          max(1, round(1.5 * f.scale)), cv2.LINE_AA)
+            cv2.polylines(
+                img,
+                [np.rint(pts).astype(np.int32)],
+                False,
+                float(gain[cell.index]),
+                max(1, round(1.5 * f.scale)),
+                cv2.LINE_AA,
+            )
     return img * (f.cell_map > 0)
 
 
@@ -265,7 +289,10 @@ def _actin(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
     img = np.zeros(f.cell_map.shape, np.float32)
     for cell in f.cells:
         angle = rng.uniform(0, np.pi)
-        direction, normal = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+        direction, normal = (
+            np.array([np.cos(angle), np.sin(angle)]),
+            np.array([-np.sin(angle), np.cos(angle)]),
+        )
         for offset in np.linspace(-cell.radius, cell.radius, int(rng.integers(6, 12))):
             mid = np.asarray(cell.center) + normal * offset
             a, b = mid - direction * cell.radius * 1.2, mid + direction * cell.radius * 1.2
@@ -299,7 +326,9 @@ def _microtubule_ends(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
     for cell in f.cells:
         for end in cell.mt_ends:
             if rng.random() < 0.7:
-                cv2.circle(img, _pt(end), max(1, round(1.3 * f.scale)), float(gain[cell.index]), -1, cv2.LINE_AA)
+                cv2.circle(
+                    img, _pt(end), max(1, round(1.3 * f.scale)), float(gain[cell.index]), -1, cv2.LINE_AA
+                )
     return img
 
 
@@ -345,7 +374,9 @@ def _centrosome(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
         angle = rng.uniform(0, 2 * np.pi)
         d = np.array([np.cos(angle), np.sin(angle)]) * 2.5 * f.scale
         for point in (np.asarray(cell.mtoc) + d, np.asarray(cell.mtoc) - d):
-            cv2.circle(img, _pt(point), max(1, round(1.4 * f.scale)), float(gain[cell.index]), -1, cv2.LINE_AA)
+            cv2.circle(
+                img, _pt(point), max(1, round(1.4 * f.scale)), float(gain[cell.index]), -1, cv2.LINE_AA
+            )
     return img
 
 
@@ -356,7 +387,9 @@ def _lipid_droplets(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
 def _plasma_membrane(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
     img = np.zeros(f.cell_map.shape, np.float32)
     for cell in f.cells:
-        cv2.polylines(img, [cell.contour], True, float(gain[cell.index]), max(1, round(2 * f.scale)), cv2.LINE_AA)
+        cv2.polylines(
+            img, [cell.contour], True, float(gain[cell.index]), max(1, round(2 * f.scale)), cv2.LINE_AA
+        )
     return img
 
 
@@ -390,8 +423,14 @@ def _aggresome(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
     img = np.zeros(f.cell_map.shape, np.float32)
     for cell in f.cells:
         if rng.random() < 0.6:
-            cv2.circle(img, _pt(cell.mtoc), max(3, round(rng.uniform(5, 9) * f.scale)),
-                       float(gain[cell.index]), -1, cv2.LINE_AA)
+            cv2.circle(
+                img,
+                _pt(cell.mtoc),
+                max(3, round(rng.uniform(5, 9) * f.scale)),
+                float(gain[cell.index]),
+                -1,
+                cv2.LINE_AA,
+            )
     return img * (f.cell_map > 0)
 
 
@@ -411,20 +450,51 @@ def _rods_and_rings(f: Field, rng: Rng, gain: np.ndarray) -> np.ndarray:
             if rng.random() < 0.5:
                 angle = rng.uniform(0, np.pi)
                 d = np.array([np.cos(angle), np.sin(angle)]) * rng.uniform(4, 7) * f.scale
-                cv2.line(img, _pt(np.asarray(point) - d), _pt(np.asarray(point) + d), float(gain[cell.index]),
-                         max(1, round(2 * f.scale)), cv2.LINE_AA)
+                cv2.line(
+                    img,
+                    _pt(np.asarray(point) - d),
+                    _pt(np.asarray(point) + d),
+                    float(gain[cell.index]),
+                    max(1, round(2 * f.scale)),
+                    cv2.LINE_AA,
+                )
             else:
-                cv2.circle(img, _pt(point), max(2, round(3.5 * f.scale)), float(gain[cell.index]), 1, cv2.LINE_AA)
+                cv2.circle(
+                    img, _pt(point), max(2, round(3.5 * f.scale)), float(gain[cell.index]), 1, cv2.LINE_AA
+                )
     return img
 
 
 Pattern = Callable[[Field, Rng, np.ndarray], np.ndarray]
 PATTERNS: tuple[Pattern, ...] = (
-    _nucleoplasm, _nuclear_membrane, _nucleoli, _fibrillar_center, _speckles, _nuclear_bodies,
-    _er_pattern, _golgi, _peroxisomes, _endosomes, _lysosomes, _intermediate_filaments, _actin,
-    _focal_adhesions, _microtubule_pattern, _microtubule_ends, _cytokinetic_bridge, _mitotic_spindle,
-    _mtoc_pattern, _centrosome, _lipid_droplets, _plasma_membrane, _cell_junctions, _mitochondria,
-    _aggresome, _cytosol, _cytoplasmic_bodies, _rods_and_rings,
+    _nucleoplasm,
+    _nuclear_membrane,
+    _nucleoli,
+    _fibrillar_center,
+    _speckles,
+    _nuclear_bodies,
+    _er_pattern,
+    _golgi,
+    _peroxisomes,
+    _endosomes,
+    _lysosomes,
+    _intermediate_filaments,
+    _actin,
+    _focal_adhesions,
+    _microtubule_pattern,
+    _microtubule_ends,
+    _cytokinetic_bridge,
+    _mitotic_spindle,
+    _mtoc_pattern,
+    _centrosome,
+    _lipid_droplets,
+    _plasma_membrane,
+    _cell_junctions,
+    _mitochondria,
+    _aggresome,
+    _cytosol,
+    _cytoplasmic_bodies,
+    _rods_and_rings,
 )
 
 
@@ -447,7 +517,9 @@ def paint_stack(rng: Rng, labels: tuple[int, ...], size: int = 512, depth: int =
     peak = float(np.percentile(green, 99.9))
     green *= float(rng.uniform(0.5, 1.0)) / max(peak, 0.05)
     if rng.random() < 0.3:  # unspecific antibody background: puncta that mean nothing
-        green += 0.35 * _puncta(field_, rng, _cell_values(rng, len(field_.cells), 0.2, 0.6), "cell", (3, 12), (1, 3), 0)
+        green += 0.35 * _puncta(
+            field_, rng, _cell_values(rng, len(field_.cells), 0.2, 0.6), "cell", (3, 12), (1, 3), 0
+        )
     green += 0.04 * (field_.cell_map > 0)
     raw = {"red": field_.red, "green": green, "blue": field_.blue, "yellow": field_.yellow}
     return {name: _image(rng, plane, depth) for name, plane in raw.items()}
@@ -467,8 +539,15 @@ def _image(rng: Rng, plane: np.ndarray, depth: int) -> np.ndarray:
 
 
 def _puncta(
-    f: Field, rng: Rng, gain: np.ndarray, region: str, count: tuple[int, int],
-    radius: tuple[float, float], spread: float, hollow: bool = False, jagged: bool = False,
+    f: Field,
+    rng: Rng,
+    gain: np.ndarray,
+    region: str,
+    count: tuple[int, int],
+    radius: tuple[float, float],
+    spread: float,
+    hollow: bool = False,
+    jagged: bool = False,
 ) -> np.ndarray:
     img = np.zeros(f.cell_map.shape, np.float32)
     for cell in f.cells:

@@ -8,6 +8,7 @@ All bad rows are reported together, each by its line number, so a user fixes the
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,37 +45,38 @@ class LabelRow:
 def read_labels(csv_path: Path) -> list[LabelRow]:
     """Parse and check a Kaggle label file; raise DatasetError listing every bad row."""
     try:
-        handle = open(csv_path, newline="", encoding="utf-8")
+        text = csv_path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise DatasetError(f"{csv_path}: cannot open label file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{csv_path}: label file is not UTF-8 text") from None
     rows: list[LabelRow] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
-    with handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["Id", "Target"]:
-            raise DatasetError(f"{csv_path}: line 1: expected the header 'Id,Target', found {header!r}")
-        for line, record in enumerate(reader, start=2):
-            if not record or all(not field.strip() for field in record):
-                continue
-            if len(record) != 2:
-                problems.append(f"line {line}: expected 2 fields (Id,Target), found {len(record)}")
-                continue
-            stack_id, target = record[0].strip(), record[1]
-            if not stack_id:
-                problems.append(f"line {line}: empty Id")
-                continue
-            if stack_id in seen:
-                problems.append(f"line {line}: duplicate Id {stack_id!r} (first on line {seen[stack_id]})")
-                continue
-            seen[stack_id] = line
-            try:
-                labels = parse_target(target)
-            except ValueError as exc:
-                problems.append(f"line {line}: Id {stack_id!r}: {exc}")
-                continue
-            rows.append(LabelRow(line, stack_id, labels))
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["Id", "Target"]:
+        raise DatasetError(f"{csv_path}: line 1: expected the header 'Id,Target', found {header!r}")
+    for line, record in enumerate(reader, start=2):
+        if not record or all(not field.strip() for field in record):
+            continue
+        if len(record) != 2:
+            problems.append(f"line {line}: expected 2 fields (Id,Target), found {len(record)}")
+            continue
+        stack_id, target = record[0].strip(), record[1]
+        if not stack_id:
+            problems.append(f"line {line}: empty Id")
+            continue
+        if stack_id in seen:
+            problems.append(f"line {line}: duplicate Id {stack_id!r} (first on line {seen[stack_id]})")
+            continue
+        seen[stack_id] = line
+        try:
+            labels = parse_target(target)
+        except ValueError as exc:
+            problems.append(f"line {line}: Id {stack_id!r}: {exc}")
+            continue
+        rows.append(LabelRow(line, stack_id, labels))
     _raise_if(problems, f"{csv_path}: {len(problems)} bad row(s)")
     if not rows:
         raise DatasetError(f"{csv_path}: the label file has no rows")

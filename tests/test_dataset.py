@@ -1,0 +1,121 @@
+"""The Kaggle-layout data-set reader: every bad row is named, images are read lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import StackError
+from export.dataset import Dataset, DatasetError, read_labels
+from tests.helpers import write_stack
+
+
+def _labels(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "train.csv"
+    path.write_text(text)
+    return path
+
+
+def test_reads_rows_and_the_label_matrix(tmp_path: Path) -> None:
+    write_stack(tmp_path, "a")
+    write_stack(tmp_path, "b")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,25 0\nb,27\n"))
+    assert data.ids == ["a", "b"]
+    matrix = data.label_matrix()
+    assert matrix.shape == (2, 28)
+    assert matrix[0].nonzero()[0].tolist() == [0, 25]
+    assert matrix[1].nonzero()[0].tolist() == [27]
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ("a,", "line 3: Id 'a': empty target"),
+        ("a,28", "line 3: Id 'a': target 28 is outside 0..27"),
+        ("a,x", "line 3: Id 'a': target 'x' is not an integer"),
+        (",3", "line 3: empty Id"),
+        ("a,1,2", "line 3: expected 2 fields"),
+    ],
+)
+def test_bad_rows_are_named_by_line(tmp_path: Path, row: str, words: str) -> None:
+    with pytest.raises(DatasetError) as info:
+        read_labels(_labels(tmp_path, f"Id,Target\nz,1\n{row}\n"))
+    assert words in str(info.value)
+
+
+def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"line 4: duplicate Id 'a' \(first on line 2\)"):
+        read_labels(_labels(tmp_path, "Id,Target\na,1\nb,2\na,3\n"))
+
+
+def test_all_bad_rows_are_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as info:
+        read_labels(_labels(tmp_path, "Id,Target\na,\nb,99\nc,1\n"))
+    message = str(info.value)
+    assert "2 bad row(s)" in message
+    assert "line 2" in message
+    assert "line 3" in message
+
+
+def test_wrong_header_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="line 1: expected the header 'Id,Target'"):
+        read_labels(_labels(tmp_path, "id;target\na;1\n"))
+
+
+def test_unknown_id_names_the_row(tmp_path: Path) -> None:
+    write_stack(tmp_path, "a")
+    with pytest.raises(DatasetError, match="line 3: Id 'ghost': no image files"):
+        Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,1\nghost,2\n"))
+
+
+def test_missing_channel_names_the_row_and_channel(tmp_path: Path) -> None:
+    write_stack(tmp_path, "a")
+    (tmp_path / "a_yellow.png").unlink()
+    with pytest.raises(DatasetError, match="line 2: Id 'a': no yellow channel"):
+        Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,1\n"))
+
+
+def test_missing_stacks_can_be_skipped(tmp_path: Path) -> None:
+    write_stack(tmp_path, "a")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,1\nghost,2\n"), missing="skip")
+    assert data.ids == ["a"]
+
+
+def test_images_are_read_only_when_iterated(tmp_path: Path) -> None:
+    """Opening a data set reads no pixels, so a corrupt image surfaces at its turn, as an item."""
+    write_stack(tmp_path, "a")
+    write_stack(tmp_path, "b")
+    (tmp_path / "b_green.png").write_bytes(b"garbage")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,1\nb,2\n"))
+    results = list(data.stacks())
+    assert not isinstance(results[0][1], StackError)
+    assert isinstance(results[1][1], StackError)
+    assert results[1][1].code == "not_an_image"
+
+
+def test_stacks_is_a_generator_holding_one_stack_at_a_time(tmp_path: Path) -> None:
+    for i in range(3):
+        write_stack(tmp_path, f"s{i}", seed=i)
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\ns0,1\ns1,2\ns2,3\n"))
+    iterator = data.stacks()
+    first = next(iterator)
+    assert first[0].stack_id == "s0"
+    assert not isinstance(first[1], StackError)
+    assert isinstance(first[1].channels["red"], np.ndarray)
+    assert [s.stack_id for s, _ in iterator] == ["s1", "s2"]
+
+
+def test_real_labels_file_reads(real_dir: Path) -> None:
+    data = Dataset(real_dir / "stacks", real_dir / "labels.csv")
+    assert len(data) == 101
+    counts = data.label_matrix().sum(axis=0)
+    assert counts[0] > 0
+    assert counts[25] > 0
+    assert counts[27] == 0
+
+
+def test_full_kaggle_label_file_parses(real_dir: Path) -> None:
+    rows = read_labels(real_dir / "train.csv")
+    assert len(rows) == 31072
