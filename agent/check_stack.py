@@ -13,7 +13,7 @@ from pathlib import Path
 from agent.errors import StackError
 from agent.image import DEFAULT_MAX_PIXELS, Limits
 from agent.naming import KAGGLE_PATTERN, NamingScheme
-from agent.preprocess import BitDepth, auto_bits
+from agent.preprocess import auto_bits
 from agent.stack import find_stacks, read_stack
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             report.update(ok=True, width=width, height=height, dtype=stack.dtype.name, auto_bits=bits)
             text = f"OK   {stack_id}: {width} x {height} {stack.dtype.name}"
             if bits != 8:
-                text += f", brightest pixel fits {bits} bits (policy: {BitDepth().mode}, auto)"
+                text += f", brightest pixel fits {bits} bits"
         print(json.dumps(report) if args.json else text)
     if not args.json:
         print(f"{len(stacks) - failures} of {len(stacks)} stacks OK")

@@ -56,13 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(command.module)
     except ImportError as exc:
-        print(
-            f"hpa-edge {name}: needs the '{command.extra}' install extra "
-            f"(pip install 'hpa-edge[{command.extra}]'): {exc}",
-            file=sys.stderr,
+        hint = (
+            "the installation is incomplete; reinstall hpa-edge"
+            if command.extra == "core"
+            else f"needs the '{command.extra}' install extra (pip install 'hpa-edge[{command.extra}]')"
         )
+        print(f"hpa-edge {name}: {hint}: {exc}", file=sys.stderr)
         return 3
-    sub = argparse.ArgumentParser(prog=f"hpa-edge {name}", description=module.__doc__)
+    sub = argparse.ArgumentParser(
+        prog=f"hpa-edge {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     module.add_arguments(sub)
     return int(module.run(sub.parse_args(args[1:])))
 
