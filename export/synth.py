@@ -10,6 +10,7 @@ repeatable whatever the number of worker processes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -77,15 +78,23 @@ def inclusion_probabilities(weights: np.ndarray, gumbel: np.ndarray, ks: np.ndar
     return (1.0 - np.exp(-weights[None, :] * np.exp(-others_kth))).mean(axis=0)
 
 
+@functools.cache
+def _kaggle_weights() -> np.ndarray:
+    """The calibration depends only on constants and takes seconds: do it once per process."""
+    marginals = np.asarray(KAGGLE_LOCATION_COUNTS) / KAGGLE_N_STACKS
+    weights = calibrated_weights(marginals, np.asarray(KAGGLE_LABELS_PER_STACK, dtype=np.float64))
+    weights.flags.writeable = False  # shared by every caller
+    return weights
+
+
 def sample_label_sets(n: int, seed: int, prior: LabelSets | None = None) -> LabelSets:
     """n label sets, from the Kaggle frequencies or drawn with replacement from `prior`."""
     rng = np.random.default_rng([seed, 0])
     if prior:
         picks = rng.integers(0, len(prior), size=n)
         return [prior[int(i)] for i in picks]
-    marginals = np.asarray(KAGGLE_LOCATION_COUNTS) / KAGGLE_N_STACKS
     k_probs = np.asarray(KAGGLE_LABELS_PER_STACK, dtype=np.float64)
-    weights = calibrated_weights(marginals, k_probs)
+    weights = _kaggle_weights()
     ks = rng.choice(np.arange(1, len(k_probs) + 1), size=n, p=k_probs / k_probs.sum())
     keys = np.log(weights) + rng.gumbel(size=(n, N_LOCATIONS))
     order = np.argsort(-keys, axis=1)
