@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -121,8 +121,20 @@ def write_stack(out: Path, seed: int, index: int, labels: tuple[int, ...], size:
     return sid
 
 
-def _write_one(job: tuple[Path, int, int, tuple[int, ...], int, int]) -> str:
+Job = tuple[Path, int, int, tuple[int, ...], int, int]
+
+
+def _write_one(job: Job) -> str:
     return write_stack(*job)
+
+
+def _run_jobs(jobs: list[Job], workers: int) -> Iterator[str]:
+    """Stack ids as their stacks are written, in job order, in this process or a pool."""
+    if workers == 1:
+        yield from map(_write_one, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_write_one, jobs, chunksize=8)
 
 
 def generate(
@@ -139,19 +151,9 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     label_sets = sample_label_sets(n, seed, prior)
     jobs = [(out, seed, i, labels, size, depth) for i, labels in enumerate(label_sets)]
-    workers = workers or os.cpu_count() or 1
     started = time.monotonic()
-    if workers == 1:
-        done_ids = []
-        for job in jobs:
-            done_ids.append(_write_one(job))
-            _report(progress, len(done_ids), n, started)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            done_ids = []
-            for sid in pool.map(_write_one, jobs, chunksize=8):
-                done_ids.append(sid)
-                _report(progress, len(done_ids), n, started)
+    for done, _ in enumerate(_run_jobs(jobs, workers or os.cpu_count() or 1), start=1):
+        _report(progress, done, n, started)
     labels_csv = out / "train.csv"
     partial = out / ".train.csv.tmp"
     lines = ["Id,Target"] + [f"{stack_id(seed, i)},{' '.join(map(str, s))}" for i, s in enumerate(label_sets)]
