@@ -10,7 +10,7 @@ import pytest
 
 from agent.labels import CHANNELS, KAGGLE_LABELS_PER_STACK, KAGGLE_LOCATION_COUNTS, KAGGLE_N_STACKS
 from agent.stack import find_stacks, read_stack
-from export.cells import make_field, paint_stack
+from export.cells import Field, make_field, paint_stack
 from export.dataset import Dataset, read_labels
 from export.synth import add_arguments, generate, run, sample_label_sets
 
@@ -78,13 +78,20 @@ def test_16_bit_output_holds_12_bit_data(tmp_path: Path) -> None:
     assert max(int(p.max()) for p in stack.channels.values()) > 255
 
 
-def _green_by_region(labels: tuple[int, ...], seed: int = 0) -> dict[str, float]:
-    """Mean green in nucleus, cytoplasm and background for one painted stack."""
+def _painted_with_field(labels: tuple[int, ...], seed: int) -> tuple[dict[str, np.ndarray], Field]:
+    """A painted stack and the cell geometry it was painted on (replayed from the same seed,
+    drawing the same numbers in the same order as paint_stack does)."""
     rng = np.random.default_rng(seed)
     state = rng.bit_generator.state
     channels = paint_stack(rng, labels, size=256)
-    rng.bit_generator.state = state  # replay the same geometry
+    rng.bit_generator.state = state
     field = make_field(rng, 256, mitotic=17 in labels, crowded=22 in labels or rng.random() < 0.15)
+    return channels, field
+
+
+def _green_by_region(labels: tuple[int, ...], seed: int = 0) -> dict[str, float]:
+    """Mean green in nucleus, cytoplasm and background for one painted stack."""
+    channels, field = _painted_with_field(labels, seed)
     green = channels["green"].astype(np.float64)
     return {
         "nucleus": float(green[field.nucleus_map > 0].mean()),
@@ -130,11 +137,7 @@ def test_every_location_changes_the_green_channel() -> None:
 
 
 def test_channels_show_nuclei_in_blue() -> None:
-    rng = np.random.default_rng(0)
-    state = rng.bit_generator.state
-    channels = paint_stack(rng, (25,), size=256)
-    rng.bit_generator.state = state
-    field = make_field(rng, 256, mitotic=False, crowded=rng.random() < 0.15)
+    channels, field = _painted_with_field((25,), seed=0)
     blue = channels["blue"].astype(np.float64)
     assert blue[field.nucleus_map > 0].mean() > 3 * blue[field.cell_map == 0].mean()
     assert set(channels) == set(CHANNELS)
