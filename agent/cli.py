@@ -28,6 +28,12 @@ COMMANDS: dict[str, Command] = {
     "baseline": Command(
         "export.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
     ),
+    "embed": Command(
+        "export.embed", "compute and cache backbone embeddings of a labelled data set", "export"
+    ),
+    "train": Command(
+        "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
+    ),
 }
 
 

@@ -151,3 +151,30 @@ def preprocess(channels: Mapping[str, np.ndarray], prep: Preprocessing) -> np.nd
         mixed = sum(small[c].astype(np.float32) * w for c, w in slot)
         planes.append(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
     return np.ascontiguousarray(np.stack(planes, axis=-1))
+
+
+def parse_slots(text: str) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """Read a channel mapping such as "red,green,blue" or "red+yellow*0.5,green,blue".
+
+    Three comma-separated input slots; each a '+'-joined list of channels with an optional
+    '*weight'. The result is validated by `Preprocessing`.
+    """
+    slots = []
+    for part in text.split(","):
+        slot = []
+        for term in part.split("+"):
+            name, _, weight = term.strip().partition("*")
+            try:
+                value = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"slot weight {weight!r} in {text!r} is not a number") from None
+            slot.append((name.strip().lower(), value))
+        slots.append(tuple(slot))
+    if len(slots) != 3:
+        raise ValueError(f"channel mapping {text!r} must name 3 input slots separated by commas")
+    return tuple(slots)
+
+
+def format_slots(slots: tuple[tuple[tuple[str, float], ...], ...]) -> str:
+    """The inverse of `parse_slots`, for logs and reports."""
+    return ",".join("+".join(c if w == 1.0 else f"{c}*{w:g}" for c, w in slot) for slot in slots)

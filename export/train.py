@@ -1,0 +1,333 @@
+"""`hpa-edge train`: fit the 28 per-location classifiers on cached embeddings and evaluate them honestly.
+
+1. Join the label file with the embedding cache (optionally only the ids in --include-ids).
+2. Hold out a multilabel-stratified test split; it is scored once, at the end.
+3. On the training part: out-of-fold scores from a multilabel-stratified cross-validation
+   choose one threshold per location (the F1-maximising one).
+4. Fit the 28 forests on the whole training part (natural frequencies, class weights).
+5. On the test split, beside ours: the original study's method trained on the same stacks,
+   its own balanced-test figure, and the biologists' per-location F1.
+
+The model folder gets `classifiers.pkl` (scikit-learn, for `hpa-edge export` on the
+workstation; the device never loads a pickle), `model.json` (thresholds, settings, the
+embedding cache key, figures), `evaluation.json`, `evaluation.png` and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.labels import LOCATIONS, N_LOCATIONS
+from export.dataset import DatasetError, read_labels
+from export.embed import CacheError, EmbeddingCache, Embeddings
+from export.evaluate import balanced_test_f1, biologist_f1, score_methods
+from export.forest import (
+    ForestSettings,
+    fit_forests,
+    fit_joint,
+    fit_original,
+    out_of_fold_scores,
+    predict_joint,
+    predict_scores,
+)
+from export.metrics import best_thresholds
+from export.report import ORIGINAL, OURS, summary_text, write_chart
+from export.split import stratified_folds, train_test_split
+
+MODEL_FORMAT = 1
+JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations
+
+
+class TrainError(ValueError):
+    """The inputs cannot give a model (no overlap between labels and cache, bad id list...)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    forest: ForestSettings = field(default_factory=ForestSettings)
+    folds: int = 3
+    test_fraction: float = 0.2
+    seed: int = 0
+    bootstrap: int = 1000
+    try_joint: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.folds <= 10:
+            raise ValueError(f"folds must be 2..10, not {self.folds}")
+        if not 0.05 <= self.test_fraction <= 0.5:
+            raise ValueError(f"test fraction must be 0.05..0.5, not {self.test_fraction}")
+
+
+@dataclass
+class TrainedModel:
+    forests: list[Any]
+    thresholds: np.ndarray
+    evaluation: dict[str, Any]
+    train_ids: list[str]
+    test_ids: list[str]
+
+
+def join(
+    embeddings: Embeddings, labels: dict[str, tuple[int, ...]], include: set[str] | None
+) -> tuple[list[str], list[str]]:
+    """Ids usable for training (labelled, embedded, included), and labelled ids that lack an embedding."""
+    wanted = [sid for sid in labels if include is None or sid in include]
+    cached = set(embeddings.ids)
+    return [s for s in wanted if s in cached], [s for s in wanted if s not in cached]
+
+
+def label_matrix(ids: list[str], labels: dict[str, tuple[int, ...]]) -> np.ndarray:
+    y = np.zeros((len(ids), N_LOCATIONS), dtype=np.uint8)
+    for i, sid in enumerate(ids):
+        y[i, list(labels[sid])] = 1
+    return y
+
+
+def train(
+    x: np.ndarray, y: np.ndarray, ids: list[str], settings: TrainSettings, data_name: str
+) -> TrainedModel:
+    """Split, tune thresholds out-of-fold, fit, and score ours against the original method."""
+    train_rows, test_rows = train_test_split(y, settings.test_fraction, settings.seed)
+    x_train, y_train, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
+    folds = stratified_folds(y_train, settings.folds, settings.seed)
+    oof = out_of_fold_scores(x_train, y_train, folds, settings.forest)
+    thresholds = best_thresholds(y_train, oof)
+    forests = fit_forests(x_train, y_train, settings.forest)
+    ours = predict_scores(forests, x_test) >= thresholds
+    original_scores = predict_scores(
+        fit_original(x_train, y_train, settings.seed, settings.forest.jobs), x_test
+    )
+    split = score_methods(
+        y_test, {OURS: ours, ORIGINAL: original_scores >= 0.5}, settings.bootstrap, settings.seed
+    )
+    biologists, source = biologist_f1()
+    evaluation: dict[str, Any] = {
+        "data": {
+            "name": data_name,
+            "n_stacks": len(ids),
+            "n_train": len(train_rows),
+            "n_test": len(test_rows),
+            "test_fraction": settings.test_fraction,
+            "train_positives": {LOCATIONS[j]: int(y_train[:, j].sum()) for j in range(N_LOCATIONS)},
+        },
+        "split": split,
+        "original_balanced_test_f1": round(balanced_test_f1(y_test, original_scores, 0.5, settings.seed), 4),
+        "biologist_f1": {
+            "per_location": [None if np.isnan(v) else float(v) for v in biologists],
+            "macro_f1": round(float(np.nanmean(biologists)), 4),
+            "source": source,
+        },
+        "thresholds": [round(float(t), 4) for t in thresholds],
+        "experiments": {},
+    }
+    if settings.try_joint:
+        evaluation["experiments"]["joint_nucleoplasm_cytosol"] = joint_experiment(
+            x_train, y_train, x_test, y_test, folds, thresholds, ours, settings
+        )
+    return TrainedModel(
+        forests, thresholds, evaluation, [ids[i] for i in train_rows], [ids[i] for i in test_rows]
+    )
+
+
+def joint_experiment(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    folds: np.ndarray,
+    thresholds: np.ndarray,
+    ours: np.ndarray,
+    settings: TrainSettings,
+) -> dict[str, Any]:
+    """Does one 4-class forest for Nucleoplasm + Cytosol beat their two binary forests (same split)?"""
+    pair = list(JOINT_PAIR)
+    oof = np.zeros((len(y_train), 2))
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        oof[held] = predict_joint(
+            fit_joint(x_train[fit], y_train[fit], JOINT_PAIR, settings.forest), x_train[held]
+        )
+    joint_thresholds = best_thresholds(y_train[:, pair], oof)
+    joint = (
+        predict_joint(fit_joint(x_train, y_train, JOINT_PAIR, settings.forest), x_test) >= joint_thresholds
+    )
+    scored = score_methods(
+        y_test[:, pair], {"binary": ours[:, pair], "joint": joint}, settings.bootstrap, settings.seed
+    )
+    binary_f1 = [r["f1"] for r in scored["methods"]["binary"]["per_location"]]
+    joint_f1 = [r["f1"] for r in scored["methods"]["joint"]["per_location"]]
+    difference = scored["paired_macro_f1_difference"]["binary - joint"]
+    low, high = difference["ci95"]
+    helps = high is not None and high < 0  # binary - joint entirely below 0: the joint model is better
+    return {
+        "binary_f1": binary_f1,
+        "joint_f1": joint_f1,
+        "mean_f1_binary_minus_joint": difference,
+        "helps": helps,
+        "summary": (
+            f"F1 Nucleoplasm {binary_f1[0]} (binary) vs {joint_f1[0]} (joint), Cytosol {binary_f1[1]} vs "
+            f"{joint_f1[1]}; mean difference binary - joint {difference['difference']} (95% {low}..{high}); "
+            + (
+                "the joint model measurably helps."
+                if helps
+                else "no measurable gain: the binary forests stay."
+            )
+        ),
+    }
+
+
+def read_id_list(path: Path) -> set[str]:
+    """One id per line (blank lines and '#' comments ignored); a CSV with an Id column also works."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise TrainError(f"{path}: cannot read id list: {exc.strerror or exc}") from None
+    ids = [line.split(",")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
+    if ids and ids[0] == "Id":
+        ids = ids[1:]
+    if not ids:
+        raise TrainError(f"{path}: the id list is empty")
+    return set(ids)
+
+
+def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSettings) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "classifiers.pkl").open("wb") as handle:
+        pickle.dump(model.forests, handle, protocol=5)
+    import sklearn
+
+    evaluation = model.evaluation
+    ours = evaluation["split"]["methods"][OURS]
+    meta = {
+        "format": MODEL_FORMAT,
+        "labels": list(LOCATIONS),
+        "thresholds": [float(t) for t in model.thresholds],
+        "trained_locations": [j for j, f in enumerate(model.forests) if f is not None],
+        "embedding": key,
+        "settings": {
+            "forest": settings.forest.to_dict(),
+            "folds": settings.folds,
+            "test_fraction": settings.test_fraction,
+            "seed": settings.seed,
+        },
+        "data": evaluation["data"],
+        "figures": {
+            "macro_f1": ours["macro_f1"],
+            "macro_f1_ci95": ours["macro_f1_ci95"],
+            "per_location_f1": [r["f1"] for r in ours["per_location"]],
+            "original_method_macro_f1": evaluation["split"]["methods"][ORIGINAL]["macro_f1"],
+        },
+        "test_ids": model.test_ids,
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
+    write_chart(evaluation, out / "evaluation.png")
+    (out / "summary.md").write_text(summary_text(evaluation), encoding="utf-8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--embeddings", type=Path, required=True, help="cache folder written by 'hpa-edge embed'"
+    )
+    parser.add_argument("--labels", type=Path, required=True, help="Id,Target label file")
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument(
+        "--include-ids", type=Path, help="train and evaluate only on these ids (one per line)"
+    )
+    parser.add_argument("--name", help="data set name for the report (default: the label file's folder)")
+    forest = parser.add_argument_group("forests")
+    forest.add_argument(
+        "--trees", type=int, default=ForestSettings.trees, help="trees per location (default %(default)s)"
+    )
+    forest.add_argument(
+        "--max-leaf-nodes",
+        type=int,
+        default=ForestSettings.max_leaf_nodes,
+        help="leaves per tree, 0 = grown fully (default %(default)s: all 28 forests under 12 MB as ONNX)",
+    )
+    forest.add_argument(
+        "--class-weight", default="balanced", choices=("balanced", "balanced_subsample", "none")
+    )
+    forest.add_argument("--jobs", type=int, default=-1, help="CPU cores for fitting (default: all)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--test-fraction", type=float, default=TrainSettings.test_fraction, help="(default %(default)s)"
+    )
+    evaluation.add_argument(
+        "--folds",
+        type=int,
+        default=TrainSettings.folds,
+        help="cross-validation folds for thresholds (default %(default)s)",
+    )
+    evaluation.add_argument(
+        "--bootstrap",
+        type=int,
+        default=TrainSettings.bootstrap,
+        help="bootstrap resamples (default %(default)s)",
+    )
+    evaluation.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, folds and forests (default 0)"
+    )
+    evaluation.add_argument(
+        "--try-joint",
+        action="store_true",
+        help="also compare a joint Nucleoplasm + Cytosol model on the same split",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        settings = TrainSettings(
+            forest=ForestSettings(
+                trees=args.trees,
+                max_leaf_nodes=args.max_leaf_nodes or None,
+                class_weight=None if args.class_weight == "none" else args.class_weight,
+                seed=args.seed,
+                jobs=args.jobs,
+            ),
+            folds=args.folds,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            bootstrap=args.bootstrap,
+            try_joint=args.try_joint,
+        )
+        labels = {row.stack_id: row.labels for row in read_labels(args.labels)}
+        embeddings = EmbeddingCache(args.embeddings).load()
+        include = read_id_list(args.include_ids) if args.include_ids else None
+        ids, lacking = join(embeddings, labels, include)
+        if include is not None and (unknown := include - set(labels)):
+            print(
+                f"train: {len(unknown)} id(s) in {args.include_ids} have no label row: {sorted(unknown)[:3]}"
+            )
+        if lacking:
+            print(
+                f"train: {len(lacking)} labelled stack(s) lack an embedding and are left out: {lacking[:3]}"
+            )
+        if len(ids) < 10 * settings.folds:
+            raise TrainError(f"only {len(ids)} stacks have both a label and an embedding; too few to train")
+    except (ValueError, DatasetError, CacheError) as exc:
+        print(f"hpa-edge train: {exc}", file=sys.stderr)
+        return 2
+    x, y = embeddings.rows(ids), label_matrix(ids, labels)
+    name = args.name or args.labels.resolve().parent.name
+    model = train(x, y, ids, settings, name)
+    save(model, args.out, embeddings.key, settings)
+    print(summary_text(model.evaluation), end="")
+    print(f"train: model and report in {args.out} ({time.monotonic() - started:.0f} s)")
+    return 0
