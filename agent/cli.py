@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "embed": Command(
         "export.embed", "compute and cache backbone embeddings of a labelled data set", "export"
     ),
+    "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
     "train": Command(
         "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
     ),

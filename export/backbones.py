@@ -306,7 +306,9 @@ def stem_statistics(state: dict[str, np.ndarray], images: np.ndarray, normalisat
     kernel = state["_conv_stem.weight"].transpose(2, 3, 1, 0)
     out = keras.ops.conv(x.astype(np.float32), kernel, strides=2, padding="same")
     observed = np.asarray(out).reshape(-1, kernel.shape[-1]).var(axis=0)
-    return float(np.median(observed / state["_bn0.running_var"]))
+    recorded = state["_bn0.running_var"]
+    live = recorded > 1e-6  # a few stem channels are dead (variance 0) and say nothing
+    return float(np.median(observed[live] / recorded[live]))
 
 
 BUILDERS: dict[str, Callable[[BackboneSpec, int, bool], Any]] = {"b0": _build_b0, "lite0": _build_lite0}

@@ -100,7 +100,7 @@ def balanced_subsample(column: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.sort(chosen)
 
 
-def fit_original(x: np.ndarray, y: np.ndarray, seed: int = 0, jobs: int = -1) -> Forests:
+def fit_original(x: np.ndarray, y: np.ndarray, seed: int = 0, jobs: int = -1, trees: int = 100) -> Forests:
     """The original study's forests: per location a balanced 50/50 subsample, default settings."""
     from sklearn.ensemble import ExtraTreesClassifier
 
@@ -112,7 +112,7 @@ def fit_original(x: np.ndarray, y: np.ndarray, seed: int = 0, jobs: int = -1) ->
             forests.append(None)
             continue
         rows = balanced_subsample(column, rng)
-        forest = ExtraTreesClassifier(n_estimators=100, n_jobs=jobs, random_state=seed + j)
+        forest = ExtraTreesClassifier(n_estimators=trees, n_jobs=jobs, random_state=seed + j)
         forests.append(forest.fit(x[rows], column[rows].astype(np.int64)))
     return forests
 

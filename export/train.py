@@ -60,6 +60,7 @@ class TrainSettings:
     seed: int = 0
     bootstrap: int = 1000
     try_joint: bool = False
+    original_trees: int = 100  # the original study's forests (grown fully)
 
     def __post_init__(self) -> None:
         if not 2 <= self.folds <= 10:
@@ -105,7 +106,7 @@ def train(
     forests = fit_forests(x_train, y_train, settings.forest)
     ours = predict_scores(forests, x_test) >= thresholds
     original_scores = predict_scores(
-        fit_original(x_train, y_train, settings.seed, settings.forest.jobs), x_test
+        fit_original(x_train, y_train, settings.seed, settings.forest.jobs, settings.original_trees), x_test
     )
     split = score_methods(
         y_test, {OURS: ours, ORIGINAL: original_scores >= 0.5}, settings.bootstrap, settings.seed
@@ -284,6 +285,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of the split, folds and forests (default 0)"
     )
     evaluation.add_argument(
+        "--original-trees",
+        type=int,
+        default=TrainSettings.original_trees,
+        help="trees per forest of the original method, for comparison (default %(default)s, as the study)",
+    )
+    evaluation.add_argument(
         "--try-joint",
         action="store_true",
         help="also compare a joint Nucleoplasm + Cytosol model on the same split",
@@ -306,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             bootstrap=args.bootstrap,
             try_joint=args.try_joint,
+            original_trees=args.original_trees,
         )
         labels = {row.stack_id: row.labels for row in read_labels(args.labels)}
         embeddings = EmbeddingCache(args.embeddings).load()

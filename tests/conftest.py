@@ -35,3 +35,17 @@ def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("synthetic")
     generate(folder, n=300, seed=11, size=256, workers=2)
     return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_embeddings(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lite0 (ImageNet weights) embeddings of the session's synthetic set at 224 px: a cache folder."""
+    from agent.preprocess import Preprocessing
+    from export.backbones import BackboneSpec
+    from export.dataset import Dataset
+    from export.embed import Embedder, EmbeddingCache, embed_dataset
+
+    folder = tmp_path_factory.mktemp("embeddings") / "lite0"
+    dataset = Dataset(synthetic_set, synthetic_set / "train.csv")
+    embed_dataset(dataset, Embedder(BackboneSpec("lite0"), Preprocessing(size=224)), EmbeddingCache(folder))
+    return folder

@@ -81,3 +81,37 @@ def test_rare_location_lands_in_the_test_part() -> None:
 
 def test_kaggle_counts_are_consistent() -> None:
     assert sum(KAGGLE_LOCATION_COUNTS) > 31072  # multi-label: more labels than stacks
+
+
+def test_bootstrap_with_every_stack_once_equals_the_plain_f1() -> None:
+    from export.metrics import bootstrap_f1
+
+    rng = np.random.default_rng(0)
+    y, p = rng.random((50, 5)) < 0.3, rng.random((50, 5)) < 0.3
+    np.testing.assert_allclose(bootstrap_f1(y, p, np.ones((1, 50)))[0], f1_per_location(y, p))
+
+
+def test_bootstrap_weights_resample_every_row_to_n_stacks() -> None:
+    from export.metrics import bootstrap_weights
+
+    weights = bootstrap_weights(30, 100, seed=1)
+    assert weights.shape == (100, 30)
+    assert (weights.sum(axis=1) == 30).all()
+    assert (weights == 0).any()  # with replacement: some stacks left out of some resamples
+
+
+def test_row_means_skip_undefined_entries() -> None:
+    from export.metrics import nanmean_rows
+
+    values = np.array([[1.0, np.nan, 0.0], [np.nan, np.nan, np.nan]])
+    out = nanmean_rows(values)
+    assert out[0] == 0.5
+    assert np.isnan(out[1])
+
+
+def test_interval_of_no_finite_samples_is_undefined() -> None:
+    from export.metrics import interval
+
+    assert all(np.isnan(v) for v in interval(np.array([np.nan, np.nan])))
+    low, high = interval(np.arange(1001, dtype=float))
+    assert (round(low), round(high)) == (25, 975)

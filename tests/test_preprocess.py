@@ -95,3 +95,22 @@ def test_preprocessing_round_trips_through_its_manifest_form() -> None:
 def test_bad_preprocessing_is_refused(kwargs: dict[str, object], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         Preprocessing(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_channel_mapping_is_read_from_its_text_form_and_back() -> None:
+    from agent.preprocess import format_slots, parse_slots
+
+    slots = parse_slots("red + yellow*0.5, green ,Blue")
+    assert slots == ((("red", 1.0), ("yellow", 0.5)), (("green", 1.0),), (("blue", 1.0),))
+    assert format_slots(slots) == "red+yellow*0.5,green,blue"
+    assert Preprocessing(slots=slots).slots == slots
+
+
+@pytest.mark.parametrize(
+    ("text", "words"), [("red,green", "3 input slots"), ("red*x,green,blue", "not a number")]
+)
+def test_a_bad_channel_mapping_is_refused_with_the_reason(text: str, words: str) -> None:
+    from agent.preprocess import parse_slots
+
+    with pytest.raises(ValueError, match=words):
+        parse_slots(text)

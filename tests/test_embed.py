@@ -1,0 +1,188 @@
+"""The embedding cache: resumable, keyed, never stale; pixels are the agent's own preprocessing.
+
+Most tests stand a small numpy function in for the network (it records what it is fed), so
+they run in milliseconds; the integration tests at the end run the real Keras backbones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.preprocess import Preprocessing, preprocess
+from export.backbones import BackboneSpec
+from export.dataset import Dataset
+from export.embed import CacheError, Embedder, EmbeddingCache, cache_key, embed_dataset
+from tests.helpers import write_stack
+
+PREP = Preprocessing(size=32)
+
+
+class PixelStats:
+    """Stand-in network: 1280 numbers from the image's slot means; remembers every batch."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.batches: list[np.ndarray] = []
+        self.fail_after = fail_after
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        if self.fail_after is not None and len(self.batches) >= self.fail_after:
+            raise KeyboardInterrupt("stopped mid-run")
+        self.batches.append(images.copy())
+        means = images.reshape(len(images), -1, 3).mean(axis=1)
+        return np.tile(means, (1, 1280 // 3 + 1))[:, :1280]
+
+
+def _embedder(network: PixelStats, prep: Preprocessing = PREP) -> Embedder:
+    embedder = Embedder(BackboneSpec("b0", "random", seed=0), prep)
+    embedder._model = network
+    return embedder
+
+
+def _dataset(folder: Path, n: int, bad: tuple[int, ...] = ()) -> Dataset:
+    folder.mkdir()
+    lines = ["Id,Target"]
+    for i in range(n):
+        write_stack(folder, f"s{i:02d}", size=(40, 40), seed=i)
+        lines.append(f"s{i:02d},{i % 28}")
+        if i in bad:
+            (folder / f"s{i:02d}_green.png").write_bytes(b"not a png at all")
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    return Dataset(folder, folder / "train.csv")
+
+
+def test_every_stack_is_embedded_once_with_the_agents_preprocessing(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 5)
+    network = PixelStats()
+    report = embed_dataset(dataset, _embedder(network), EmbeddingCache(tmp_path / "cache"), batch_size=2)
+    assert report.embedded == 5
+    assert not report.failures
+    fed = np.concatenate(network.batches)
+    expected = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
+    np.testing.assert_array_equal(fed, expected)
+    loaded = EmbeddingCache(tmp_path / "cache").load()
+    assert sorted(loaded.ids) == dataset.ids
+    assert loaded.vectors.shape == (5, 1280)
+
+
+def test_a_rerun_skips_stacks_already_embedded(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 4)
+    embed_dataset(dataset, _embedder(PixelStats()), EmbeddingCache(tmp_path / "cache"))
+    network = PixelStats()
+    report = embed_dataset(dataset, _embedder(network), EmbeddingCache(tmp_path / "cache"))
+    assert (report.embedded, report.skipped) == (0, 4)
+    assert network.batches == []
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 6)
+    cache = EmbeddingCache(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(dataset, _embedder(PixelStats(fail_after=2)), cache, batch_size=1, shard_size=1)
+    assert len(cache.load().ids) == 2
+    network = PixelStats()
+    report = embed_dataset(dataset, _embedder(network), cache, batch_size=1, shard_size=1)
+    assert (report.embedded, report.skipped) == (4, 2)
+    assert sorted(cache.load().ids) == dataset.ids
+
+
+def test_a_stack_whose_files_changed_is_embedded_again_and_the_new_vector_wins(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 3)
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed_dataset(dataset, _embedder(PixelStats()), cache)
+    old = cache.load().rows(["s01"])
+    write_stack(tmp_path / "data", "s01", size=(40, 40), seed=99)
+    report = embed_dataset(dataset, _embedder(PixelStats()), cache)
+    assert (report.embedded, report.skipped) == (1, 2)
+    loaded = cache.load()
+    assert len(loaded.ids) == 3
+    assert not np.allclose(loaded.rows(["s01"]), old)
+
+
+def test_a_cache_made_with_other_preprocessing_is_refused(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 2)
+    embed_dataset(dataset, _embedder(PixelStats()), EmbeddingCache(tmp_path / "cache"))
+    with pytest.raises(CacheError, match="differs in preprocessing"):
+        embed_dataset(
+            dataset, _embedder(PixelStats(), Preprocessing(size=48)), EmbeddingCache(tmp_path / "cache")
+        )
+
+
+def test_a_cache_made_with_another_backbone_seed_is_refused(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.open(cache_key(BackboneSpec("b0", "random", seed=0), PREP))
+    with pytest.raises(CacheError, match="differs in backbone"):
+        cache.open(cache_key(BackboneSpec("b0", "random", seed=1), PREP))
+
+
+def test_a_non_empty_folder_that_is_not_a_cache_is_not_written_into(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(CacheError, match="not an embedding cache"):
+        EmbeddingCache(tmp_path / "photos").open(cache_key(BackboneSpec("b0", "random"), PREP))
+
+
+def test_an_unreadable_stack_is_reported_and_the_rest_embedded(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 4, bad=(2,))
+    report = embed_dataset(dataset, _embedder(PixelStats()), EmbeddingCache(tmp_path / "cache"), batch_size=3)
+    assert report.embedded == 3
+    assert [(f["id"], f["code"]) for f in report.failures] == [("s02", "not_an_image")]
+    written = json.loads((tmp_path / "cache" / "failures.json").read_text())
+    assert written[0]["id"] == "s02"
+    assert "s02" not in EmbeddingCache(tmp_path / "cache").load().ids
+
+
+def test_a_damaged_shard_is_named_with_the_fix(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 2)
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed_dataset(dataset, _embedder(PixelStats()), cache)
+    cache.shards()[0].write_bytes(b"garbage")
+    with pytest.raises(CacheError, match=r"damaged shard.*delete it and rerun"):
+        cache.load()
+
+
+def test_loading_a_folder_without_a_key_says_it_is_not_a_cache(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="not an embedding cache"):
+        EmbeddingCache(tmp_path).load()
+
+
+@pytest.mark.integration
+def test_embed_command_with_lite0_writes_a_cache_and_a_rerun_resumes(
+    tmp_path: Path, synthetic_set: Path
+) -> None:
+    from agent.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = (synthetic_set / "train.csv").read_text().splitlines()[:13]
+    for row in rows[1:]:
+        for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
+            shutil.copy(path, data / path.name)
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--size", "96", "--quiet"]
+    assert main(args) == 0
+    loaded = EmbeddingCache(tmp_path / "cache").load()
+    assert loaded.vectors.shape == (12, 1280)
+    assert loaded.vectors.std(axis=0).mean() > 1e-3
+    assert loaded.key["backbone"]["name"] == "lite0"
+    (data / rows[1].split(",")[0]).with_name(rows[1].split(",")[0] + "_blue.png").write_bytes(b"broken")
+    assert main(args) == 1  # the broken stack fails, the other eleven are already cached
+    assert json.loads((tmp_path / "cache" / "failures.json").read_text())[0]["code"] == "not_an_image"
+
+
+def test_embed_command_refuses_bad_options_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    _dataset(tmp_path / "data", 2)
+    code = main(
+        ["embed", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--channels", "red,green"]
+    )
+    assert code == 2
+    assert "must name 3 input slots" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
