@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +53,17 @@ def cache_key(spec: BackboneSpec, prep: Preprocessing) -> dict[str, Any]:
     }
 
 
-def stack_fingerprint(paths: dict[str, Path]) -> str:
+def stack_fingerprint(channel_sha256: Mapping[str, str]) -> str:
     """sha256 over the four files' sha256s: changes when any channel file changes."""
     outer = hashlib.sha256()
     for channel in CHANNELS:
-        outer.update(f"{channel}:{hashlib.sha256(Path(paths[channel]).read_bytes()).hexdigest()}\n".encode())
+        outer.update(f"{channel}:{channel_sha256[channel]}\n".encode())
     return outer.hexdigest()
+
+
+def file_fingerprint(paths: Mapping[str, Path]) -> str:
+    """The fingerprint of a stack on disk, from its files' bytes, without decoding them."""
+    return stack_fingerprint({c: hashlib.sha256(Path(paths[c]).read_bytes()).hexdigest() for c in CHANNELS})
 
 
 @dataclass(frozen=True)
@@ -193,17 +198,14 @@ def embed_dataset(
     cache.open(cache_key(embedder.spec, embedder.prep))
     known = cache.fingerprints()
     report = EmbedReport(total=len(dataset))
-    todo: list[tuple[Sample, str]] = []
+    todo: list[Sample] = []
     for sample in dataset:
-        try:
-            fingerprint = stack_fingerprint(sample.paths)
-        except OSError as exc:
-            report.failures.append(_failure(sample, StackError("unreadable", str(exc), None)))
-            continue
-        if known.get(sample.stack_id) == fingerprint:
+        # Only stacks already cached are hashed here (to catch changed files); new ones are
+        # hashed from the bytes read for decoding, so a first run reads every file once.
+        if sample.stack_id in known and _unchanged(sample, known[sample.stack_id]):
             report.skipped += 1
         else:
-            todo.append((sample, fingerprint))
+            todo.append(sample)
     if progress is not None:
         progress.total = len(todo)
     pending: tuple[list[str], list[str], list[np.ndarray]] = ([], [], [])
@@ -231,19 +233,24 @@ def embed_dataset(
 Batch = tuple[list[str], list[str], np.ndarray | None, list[dict[str, Any]]]
 
 
-def _batches(
-    dataset: Dataset, todo: list[tuple[Sample, str]], prep: Preprocessing, size: int
-) -> Iterator[Batch]:
+def _unchanged(sample: Sample, fingerprint: str) -> bool:
+    try:
+        return file_fingerprint(sample.paths) == fingerprint
+    except OSError:
+        return False  # reading it again will report the error
+
+
+def _batches(dataset: Dataset, todo: list[Sample], prep: Preprocessing, size: int) -> Iterator[Batch]:
     for start in range(0, len(todo), size):
         ids, prints, images, failed = [], [], [], []
-        for sample, fingerprint in todo[start : start + size]:
+        for sample in todo[start : start + size]:
             try:
                 stack = dataset.read(sample)
             except StackError as exc:
                 failed.append(_failure(sample, exc))
                 continue
             ids.append(sample.stack_id)
-            prints.append(fingerprint)
+            prints.append(stack_fingerprint(stack.sha256))
             images.append(preprocess(stack.channels, prep))
         yield ids, prints, (np.stack(images) if images else None), failed
 

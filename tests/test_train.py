@@ -178,3 +178,27 @@ def test_train_command_refuses_labels_that_share_no_ids_with_the_cache(
     assert code == 2
     assert "only 0 stacks have both a label and an embedding" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.integration
+def test_default_forests_stay_under_12_mb_as_onnx_even_when_every_tree_is_full() -> None:
+    """Worst case for size: noise labels make every tree grow to the leaf cap."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 1280)).astype(np.float32)
+    y = (rng.random((600, N_LOCATIONS)) < 0.3).astype(np.uint8)
+    settings = ForestSettings()
+    forests = fit_forests(x, y, ForestSettings(jobs=2))
+    leaves = [t.get_n_leaves() for f in forests for t in f.estimators_]
+    assert min(leaves) == max(leaves) == settings.max_leaf_nodes
+    size = sum(
+        len(
+            convert_sklearn(
+                f, initial_types=[("x", FloatTensorType([None, 1280]))], options={id(f): {"zipmap": False}}
+            ).SerializeToString()
+        )
+        for f in forests
+    )
+    assert size < 12_000_000
