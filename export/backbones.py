@@ -117,12 +117,20 @@ def _build_b0(spec: BackboneSpec, size: int, include_top: bool) -> Any:
         raise BackboneError(f"weights file {weights} does not exist")
     if spec.weights == "random":
         keras.utils.set_random_seed(spec.seed)
-    model = keras.applications.EfficientNetB0(
-        include_top=include_top,
-        weights=weights,
-        input_shape=(size, size, 3),
-        pooling=None if include_top else "avg",
-    )
+    try:
+        model = keras.applications.EfficientNetB0(
+            include_top=include_top,
+            weights=weights,
+            input_shape=(size, size, 3),
+            pooling=None if include_top else "avg",
+        )
+    except Exception as exc:  # Keras raises a bare Exception when a download fails
+        if weights != "imagenet":
+            raise BackboneError(f"cannot load B0 weights from {weights}: {exc}") from exc
+        raise BackboneError(
+            f"cannot get B0's ImageNet weights (Keras downloads them; is this machine online?): {exc}. "
+            "Download them on a connected machine and pass the file with --weights PATH."
+        ) from exc
     if spec.weights == "random":
         set_batchnorm_statistics(model, _reference_batch(size, spec.seed))
     return model

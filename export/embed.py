@@ -351,7 +351,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"hpa-edge embed: {exc}", file=sys.stderr)
         return 2
     progress = None if args.quiet else Progress("embed", len(dataset))
-    report = embed_dataset(dataset, embedder, cache, args.batch_size, args.shard_size, progress)
+    try:
+        report = embed_dataset(dataset, embedder, cache, args.batch_size, args.shard_size, progress)
+    except BackboneError as exc:  # the network is built on first use
+        print(f"hpa-edge embed: {exc}", file=sys.stderr)
+        return 2
     if progress is not None:
         progress.close()
     failures = report.failures

@@ -107,3 +107,14 @@ def test_setting_batchnorm_statistics_is_what_keeps_random_embeddings_apart() ->
     set_batchnorm_statistics(model, images)
     after = np.asarray(model(images)).std(axis=0).mean()
     assert after > 100 * before
+
+
+@pytest.mark.integration
+def test_b0_loads_a_local_weights_file(tmp_path: Path) -> None:
+    """The offline route for real B0 weights: a file downloaded elsewhere gives the same network."""
+    images = np.random.default_rng(2).integers(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    random_model = build(BackboneSpec("b0", "random", seed=5), 64)
+    weights = tmp_path / "b0.weights.h5"
+    random_model.save_weights(weights)
+    loaded = build(BackboneSpec("b0", str(weights)), 64)
+    np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(random_model(images)), rtol=1e-5, atol=1e-6)

@@ -80,7 +80,7 @@ def test_our_method_beats_the_original_on_synthetic_stacks(
     embeddings = EmbeddingCache(synthetic_embeddings).load()
     labels = {r.stack_id: r.labels for r in read_labels(synthetic_set / "train.csv")}
     ids, _ = join(embeddings, labels, None)
-    settings = TrainSettings(forest=ForestSettings(jobs=2), bootstrap=300)
+    settings = TrainSettings(forest=ForestSettings(trees=60, jobs=2), bootstrap=300, original_trees=60)
     model = train(embeddings.rows(ids), label_matrix(ids, labels), ids, settings, "synthetic")
     methods = model.evaluation["split"]["methods"]
     assert methods["ours"]["macro_f1"] > methods["original_method"]["macro_f1"]
