@@ -117,4 +117,6 @@ def test_b0_loads_a_local_weights_file(tmp_path: Path) -> None:
     weights = tmp_path / "b0.weights.h5"
     random_model.save_weights(weights)
     loaded = build(BackboneSpec("b0", str(weights)), 64)
-    np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(random_model(images)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(loaded(images)), np.asarray(random_model(images)), rtol=1e-5, atol=1e-6
+    )
