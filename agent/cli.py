@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
         "export.embed", "compute and cache backbone embeddings of a labelled data set", "export"
     ),
     "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
+    "export": Command("export.make_bundle", "turn a trained model into a verified model bundle", "export"),
+    "verify": Command("agent.verify", "check a model bundle with the device runtimes", "agent"),
     "train": Command(
         "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
     ),

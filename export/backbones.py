@@ -220,7 +220,7 @@ def lite0_model(
     from keras import layers
 
     def conv(name: str, x: Any, filters: int, kernel: int, stride: int) -> Any:
-        x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=name)(x)
+        x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=_keras(name))(x)
         return x
 
     inputs = keras.Input((size, size, 3), name="pixels")
@@ -244,20 +244,20 @@ def lite0_model(
                 stride if r == 0 else 1,
                 padding="same",
                 use_bias=False,
-                name=f"{prefix}._depthwise_conv",
+                name=_keras(f"{prefix}._depthwise_conv"),
             )(y)
             y = _bn_relu6(f"{prefix}._bn1", y)
             y = conv(f"{prefix}._project_conv", y, out, 1, 1)
-            y = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{prefix}._bn2")(y)
+            y = layers.BatchNormalization(epsilon=_BN_EPSILON, name=_keras(f"{prefix}._bn2"))(y)
             if r > 0 or (stride == 1 and channels == out):
-                y = layers.Add(name=f"{prefix}.add")([shortcut, y])
+                y = layers.Add(name=_keras(f"{prefix}.add"))([shortcut, y])
             x, channels = y, out
             block += 1
     x = conv("_conv_head", x, 1280, 1, 1)
     x = _bn_relu6("_bn1", x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if include_top:
-        x = layers.Dense(1000, activation="softmax", name="_fc")(x)
+        x = layers.Dense(1000, activation="softmax", name=_keras("_fc"))(x)
     model = keras.Model(inputs, x, name="efficientnet_lite0")
     _load_lite0_weights(model, state)
     return model
@@ -266,8 +266,13 @@ def lite0_model(
 def _bn_relu6(name: str, x: Any) -> Any:
     from keras import layers
 
-    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=name)(x)
-    return layers.ReLU(max_value=6.0, name=f"{name}.relu6")(x)
+    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=_keras(name))(x)
+    return layers.ReLU(max_value=6.0, name=_keras(f"{name}.relu6"))(x)
+
+
+def _keras(torch_name: str) -> str:
+    """Keras layer name for a torch module name: TensorFlow scopes may not start with '_'."""
+    return torch_name.removeprefix("_")
 
 
 def _load_lite0_weights(model: Any, state: dict[str, np.ndarray]) -> None:
@@ -283,7 +288,7 @@ def _load_lite0_weights(model: Any, state: dict[str, np.ndarray]) -> None:
         return state[key]
 
     for layer in model.layers:
-        name = layer.name
+        name = "_" + layer.name
         if isinstance(layer, layers.DepthwiseConv2D):
             layer.set_weights([take(f"{name}.weight").transpose(2, 3, 0, 1)])
         elif isinstance(layer, layers.Conv2D):

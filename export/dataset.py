@@ -140,7 +140,13 @@ class Dataset:
 
     def stacks(self) -> Iterator[tuple[Sample, Stack | StackError]]:
         """Each sample with its decoded stack, or the error that stack gave; one at a time."""
+        return self.stacks_for(None)
+
+    def stacks_for(self, ids: set[str] | None) -> Iterator[tuple[Sample, Stack | StackError]]:
+        """As `stacks`, for the samples whose id is in `ids` (all if None), in data-set order."""
         for sample in self.samples:
+            if ids is not None and sample.stack_id not in ids:
+                continue
             try:
                 yield sample, self.read(sample)
             except StackError as exc:

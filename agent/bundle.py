@@ -1,0 +1,206 @@
+"""A model bundle: the only contract between the workstation and the device.
+
+A folder with `manifest.json`, the embedder (`.tflite`), the classifiers (`.onnx`) and the
+golden vectors (`golden.npz`: preprocessed inputs with the embeddings and probabilities they
+must give). `load_bundle` refuses a bundle, before anything runs on real data, when:
+- the manifest is unreadable, of an unknown schema version, or lacks a field;
+- a listed file is missing or its sha256 differs (one changed byte is enough);
+- its labels are not the 28 locations in order, or the models' shapes disagree with them;
+- the golden inputs, run here, miss their outputs beyond the stated tolerances (catches a
+  runtime version, CPU architecture or preprocessing change that alters answers).
+The published JSON Schema of the manifest is `models/manifest.schema.json`; this module
+checks what the device relies on without needing a schema library. No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.classifier import OnnxClassifier
+from agent.embedder import TFLiteEmbedder
+from agent.labels import LOCATIONS
+from agent.preprocess import Preprocessing
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FILE_ROLES = ("embedder", "classifiers", "golden")
+REQUIRED = (
+    "schema_version",
+    "purpose",
+    "labels",
+    "preprocessing",
+    "backbone",
+    "quantization",
+    "thresholds",
+    "files",
+    "golden",
+)
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used; the message says exactly why."""
+
+
+@dataclass(frozen=True)
+class GoldenCheck:
+    n: int
+    min_cosine: float
+    max_probability_difference: float
+    labels_identical: bool
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: dict[str, Any]
+    preprocessing: Preprocessing
+    thresholds: np.ndarray
+    embedder: TFLiteEmbedder
+    classifier: OnnxClassifier
+    sha256: str  # of manifest.json, which pins every other file by hash
+    golden: GoldenCheck | None = None
+
+    @property
+    def purpose(self) -> str:
+        return str(self.manifest["purpose"])
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.classifier(self.embedder(images))
+
+    def labels_for(self, probabilities: np.ndarray) -> np.ndarray:
+        """The one place thresholds are applied: N x 28 booleans."""
+        return np.asarray(probabilities) >= self.thresholds
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: bundle folder does not exist")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: no {MANIFEST}; not a model bundle") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema_version {version!r} is not supported (this agent reads {SCHEMA_VERSION})"
+        )
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise BundleError(f"{path}: manifest lacks {', '.join(missing)}")
+    if list(manifest["labels"]) != list(LOCATIONS):
+        raise BundleError(f"{path}: labels are not the 28 locations in the agent's order")
+    if len(manifest["thresholds"]) != len(LOCATIONS):
+        raise BundleError(f"{path}: {len(manifest['thresholds'])} thresholds for {len(LOCATIONS)} labels")
+    return manifest
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every listed file present with its recorded sha256; the three roles all listed."""
+    files = manifest["files"]
+    for role in FILE_ROLES:
+        if role not in files:
+            raise BundleError(f"{folder / MANIFEST}: files lacks the {role!r} entry")
+    for role, entry in files.items():
+        name = str(entry["path"])
+        if Path(name).name != name:
+            raise BundleError(f"{folder / MANIFEST}: file {name!r} must sit in the bundle folder")
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{path}: {role} file is missing")
+        digest = file_sha256(path)
+        if digest != entry["sha256"]:
+            raise BundleError(
+                f"{path}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}..."
+            )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bundle:
+    """Read, check and load a bundle; BundleError says what is wrong."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
+    try:
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{folder / MANIFEST}: bad preprocessing: {exc}") from None
+    files = manifest["files"]
+    try:
+        embedder = TFLiteEmbedder(folder / files["embedder"]["path"], threads)
+        classifier = OnnxClassifier(folder / files["classifiers"]["path"], threads=1)
+    except (ValueError, RuntimeError) as exc:
+        raise BundleError(f"{folder}: a model does not load: {exc}") from None
+    if embedder.size != preprocessing.size:
+        raise BundleError(
+            f"{folder}: embedder takes {embedder.size} px but preprocessing makes {preprocessing.size}"
+        )
+    if embedder.dim != classifier.n_features:
+        raise BundleError(
+            f"{folder}: embedder gives {embedder.dim} values, classifiers take {classifier.n_features}"
+        )
+    if classifier.n_outputs != len(LOCATIONS):
+        raise BundleError(
+            f"{folder}: classifiers give {classifier.n_outputs} outputs for {len(LOCATIONS)} labels"
+        )
+    bundle = Bundle(
+        folder=folder,
+        manifest=manifest,
+        preprocessing=preprocessing,
+        thresholds=np.asarray(manifest["thresholds"], dtype=np.float64),
+        embedder=embedder,
+        classifier=classifier,
+        sha256=file_sha256(folder / MANIFEST),
+    )
+    if check_golden:
+        bundle.golden = run_golden(bundle)
+    return bundle
+
+
+def run_golden(bundle: Bundle) -> GoldenCheck:
+    """Run the golden inputs; raise BundleError if the outputs miss the manifest's tolerances."""
+    path = bundle.folder / bundle.manifest["files"]["golden"]["path"]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, embeddings, probabilities = data["images"], data["embeddings"], data["probabilities"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{path}: unreadable golden vectors: {exc}") from None
+    tolerance = bundle.manifest["golden"]
+    got_embeddings = bundle.embedder(images)
+    got = bundle.classifier(got_embeddings)
+    cosine = float(np.min(_cosine(got_embeddings, embeddings)))
+    difference = float(np.max(np.abs(got - probabilities)))
+    same_labels = bool((bundle.labels_for(got) == bundle.labels_for(probabilities)).all())
+    if cosine < tolerance["min_cosine"]:
+        raise BundleError(
+            f"{bundle.folder}: golden embeddings differ (cosine {cosine:.5f} < {tolerance['min_cosine']}): "
+            "the runtime or CPU computes this model differently from where it was made"
+        )
+    if difference > tolerance["max_probability_difference"]:
+        raise BundleError(
+            f"{bundle.folder}: golden probabilities differ by {difference:.4f} "
+            f"(allowed {tolerance['max_probability_difference']})"
+        )
+    return GoldenCheck(len(images), cosine, difference, same_labels)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)

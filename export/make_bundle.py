@@ -1,0 +1,341 @@
+"""`hpa-edge export`: a trained model folder becomes a verified model bundle, behind a fidelity gate.
+
+1. Rebuild the float backbone recorded in the model's embedding key; convert it to TFLite
+   (int8 with uint8 input by default, calibrated on real training stacks; float16/float32).
+2. Merge the 28 forests into one ONNX graph; check it against scikit-learn (probabilities
+   within 1e-5, identical labels) on float embeddings.
+3. Fidelity on held-out stacks: the exported pipeline (LiteRT + ONNX Runtime) against the float
+   reference (Keras + scikit-learn). When identical label sets fall below the gate, export
+   fails, or with --fallback-float16 redoes the backbone in float16 and says so.
+4. Write the bundle: the two models, golden vectors, `manifest.json` (hashes of every file),
+   `fidelity.json`; then load it with the device code (`agent.bundle.load_bundle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import MANIFEST, SCHEMA_VERSION, BundleError, file_sha256, load_bundle
+from agent.classifier import OnnxClassifier
+from agent.embedder import TFLiteEmbedder
+from agent.errors import StackError
+from agent.labels import LOCATIONS
+from agent.preprocess import Preprocessing, preprocess
+from export.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
+from export.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
+from export.dataset import Dataset, DatasetError
+from export.forest import predict_scores
+from export.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
+
+PARITY_TOLERANCE = 1e-5
+GOLDEN_TOLERANCE = {"min_cosine": 0.995, "max_probability_difference": 0.05}
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message says why."""
+
+
+@dataclass
+class Trained:
+    folder: Path
+    meta: dict[str, Any]
+    forests: list[Any]
+    thresholds: np.ndarray
+    spec: BackboneSpec
+    prep: Preprocessing
+
+
+def read_model(folder: Path, weights: str | None) -> Trained:
+    """The training output, with the backbone it was embedded with (a weights file by its sha256)."""
+    try:
+        meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        with (folder / "classifiers.pkl").open("rb") as handle:
+            forests = pickle.load(handle)  # our own training output, on the workstation only
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{folder}: not a model folder from 'hpa-edge train': {exc}") from None
+    backbone = meta["embedding"]["backbone"]
+    recorded = backbone["weights"]
+    if "sha256" in backbone:  # trained on embeddings from a weights file
+        if weights is None:
+            raise ExportError(f"the model was embedded with weights file {recorded}; pass it with --weights")
+        spec = BackboneSpec(backbone["name"], weights)
+        if spec.identity()["sha256"] != backbone["sha256"]:
+            raise ExportError(
+                f"{weights} is not the weights file the model was embedded with (sha256 differs)"
+            )
+    else:
+        spec = BackboneSpec(backbone["name"], recorded, int(backbone.get("seed", 0)))
+    prep = Preprocessing.from_dict(meta["embedding"]["preprocessing"])
+    return Trained(folder, meta, forests, np.asarray(meta["thresholds"]), spec, prep)
+
+
+def stack_images(
+    dataset: Dataset, ids: list[str], prep: Preprocessing
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Preprocessed pixels and labels of the readable stacks among ids (unreadable ones are reported)."""
+    wanted = set(ids)
+    kept, images, labels = [], [], []
+    for sample, stack in dataset.stacks_for(wanted):
+        if isinstance(stack, StackError):
+            print(f"export: skipped {sample.stack_id}: {stack}", file=sys.stderr)
+            continue
+        kept.append(sample.stack_id)
+        images.append(preprocess(stack.channels, prep))
+        row = np.zeros(len(LOCATIONS), bool)
+        row[list(sample.labels)] = True
+        labels.append(row)
+    if not images:
+        raise ExportError("none of the requested stacks could be read")
+    return kept, np.stack(images), np.stack(labels)
+
+
+def fidelity(
+    reference: tuple[np.ndarray, np.ndarray],
+    exported: tuple[np.ndarray, np.ndarray],
+    thresholds: np.ndarray,
+    truth: np.ndarray,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How far the exported pipeline's answers are from the float reference's, on the same stacks."""
+    ref_emb, ref_prob = reference
+    exp_emb, exp_prob = exported
+    norms = np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(exp_emb, axis=1)
+    cosine = (ref_emb * exp_emb).sum(axis=1) / np.where(norms > 0, norms, 1)
+    ref_labels, exp_labels = ref_prob >= thresholds, exp_prob >= thresholds
+    weights = bootstrap_weights(len(truth), 1000, seed)
+    paired = nanmean_rows(bootstrap_f1(truth, exp_labels, weights)) - nanmean_rows(
+        bootstrap_f1(truth, ref_labels, weights)
+    )
+    return {
+        "n_stacks": len(truth),
+        "embedding_cosine_min": round(float(cosine.min()), 5),
+        "embedding_cosine_mean": round(float(cosine.mean()), 5),
+        "probability_max_difference": [round(float(v), 5) for v in np.abs(exp_prob - ref_prob).max(axis=0)],
+        "identical_label_sets": round(float((ref_labels == exp_labels).all(axis=1).mean()), 5),
+        "label_flips": [int(v) for v in (ref_labels != exp_labels).sum(axis=0)],
+        "macro_f1_reference": _round(macro_f1(truth, ref_labels)),
+        "macro_f1_exported": _round(macro_f1(truth, exp_labels)),
+        "macro_f1_difference": _round(macro_f1(truth, exp_labels) - macro_f1(truth, ref_labels)),
+        "macro_f1_difference_ci95": [_round(v) for v in interval(paired)],
+    }
+
+
+def onnx_parity(onnx: np.ndarray, sklearn: np.ndarray, thresholds: np.ndarray) -> tuple[float, int, int]:
+    """Largest probability difference, label flips, and ties (a probability within float32 rounding
+    of its threshold, where float32 ONNX and float64 scikit-learn may fairly fall either side)."""
+    tie = np.abs(sklearn - thresholds) <= PARITY_TOLERANCE
+    flips = (onnx >= thresholds) != (sklearn >= thresholds)
+    return float(np.abs(onnx - sklearn).max()), int((flips & ~tie).sum()), int(tie.sum())
+
+
+def _round(value: float) -> float | None:
+    return None if not np.isfinite(value) else round(float(value), 5)
+
+
+def write_bundle(
+    out: Path,
+    trained: Trained,
+    tflite: bytes,
+    onnx: bytes,
+    golden: dict[str, np.ndarray],
+    quantization: str,
+    report: dict[str, Any],
+    purpose: str,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"embedder": "embedder.tflite", "classifiers": "classifiers.onnx", "golden": "golden.npz"}
+    (out / files["embedder"]).write_bytes(tflite)
+    (out / files["classifiers"]).write_bytes(onnx)
+    with (out / files["golden"]).open("wb") as handle:
+        np.savez_compressed(
+            handle,
+            images=golden["images"],
+            embeddings=golden["embeddings"],
+            probabilities=golden["probabilities"],
+        )
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    backbone = dict(trained.meta["embedding"]["backbone"])
+    if backbone["name"] == "lite0" and backbone["weights"] == "imagenet":
+        backbone["licence"] = LITE0_LICENCE
+        (out / "LICENSE-efficientnet-lite0").write_text(_lite0_notice(), encoding="utf-8")
+        files["licence"] = "LICENSE-efficientnet-lite0"
+    import onnxruntime
+    import sklearn
+    import tensorflow as tf
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "purpose": purpose,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": list(LOCATIONS),
+        "preprocessing": trained.prep.to_dict(),
+        "backbone": backbone,
+        "quantization": quantization,
+        "thresholds": [float(t) for t in trained.thresholds],
+        "files": {
+            role: {"path": name, "sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+            for role, name in files.items()
+        },
+        "training": {"data": trained.meta["data"], "settings": trained.meta["settings"]},
+        "evaluation": trained.meta["figures"],
+        "fidelity": report,
+        "golden": {**GOLDEN_TOLERANCE, "n": len(golden["images"])},
+        "versions": {
+            "hpa-edge": _version(),
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "scikit-learn": sklearn.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    partial = out / f".{MANIFEST}.tmp"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, out / MANIFEST)  # last: a bundle without a manifest is not a bundle
+    return manifest
+
+
+def _version() -> str:
+    from agent import __version__
+
+    return __version__
+
+
+def _lite0_notice() -> str:
+    notice = Path(__file__).resolve().parent.parent / "models" / "LICENSE-efficientnet-lite0"
+    if notice.is_file():
+        return notice.read_text(encoding="utf-8")
+    return f"EfficientNet-Lite0 ImageNet weights: {LITE0_LICENCE}. Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0\n"
+
+
+def export(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    trained = read_model(args.model, args.weights)
+    dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing="skip")
+    test_ids = list(trained.meta["test_ids"])
+    known = set(dataset.ids)
+    train_ids = [s for s in dataset.ids if s not in set(test_ids)]
+    rng = np.random.default_rng(args.seed)
+    calibration_ids = list(rng.permutation(train_ids)[: args.calibration])
+    held_ids = [s for s in test_ids if s in known][: args.fidelity_stacks]
+    if not held_ids:
+        raise ExportError("none of the model's held-out stacks are in --data; fidelity needs them")
+    _, calibration, _ = stack_images(dataset, calibration_ids, trained.prep)
+    _, held, truth = stack_images(dataset, held_ids, trained.prep)
+    print(f"export: {len(calibration)} calibration stacks, {len(held)} held-out stacks for fidelity")
+    keras_model = build(trained.spec, trained.prep.size)
+    ref_emb = np.asarray(keras_model.predict(held.astype(np.float32), verbose=0), dtype=np.float32)
+    ref_prob = predict_scores(trained.forests, ref_emb)
+    onnx = forests_to_onnx(trained.forests, ref_emb.shape[1])
+    classifier = OnnxClassifier(onnx)
+    parity, flips, ties = onnx_parity(classifier(ref_emb), ref_prob, trained.thresholds)
+    print(
+        f"export: ONNX vs scikit-learn: max probability difference {parity:.2e}, "
+        f"{flips} label flips, {ties} ties"
+    )
+    if parity > PARITY_TOLERANCE or flips:
+        raise ExportError(
+            f"ONNX classifiers disagree with scikit-learn ({parity:.2e} max difference, {flips} flips)"
+        )
+    candidates = [args.quantization] + [q for q in args.fallback if q != args.quantization]
+    attempts: list[dict[str, Any]] = []
+    for quantization in candidates:
+        tflite = to_tflite(keras_model, quantization, calibration if quantization == "int8" else None)
+        exp_emb = TFLiteEmbedder(tflite)(held)
+        report = fidelity(
+            (ref_emb, ref_prob), (exp_emb, classifier(exp_emb)), trained.thresholds, truth, args.seed
+        )
+        report.update(quantization=quantization, onnx_parity_max_difference=parity, gate=args.min_identical)
+        attempts.append(
+            {"quantization": quantization, "identical_label_sets": report["identical_label_sets"]}
+        )
+        print(
+            f"export: {quantization}: embedding cosine min {report['embedding_cosine_min']} mean "
+            f"{report['embedding_cosine_mean']}; identical label sets {report['identical_label_sets']:.1%}; "
+            f"macro F1 {report['macro_f1_reference']} float vs {report['macro_f1_exported']} exported"
+        )
+        if report["identical_label_sets"] >= args.min_identical:
+            break
+        if quantization != candidates[-1]:
+            print(
+                f"export: {quantization} is below the gate ({args.min_identical:.0%} identical label sets): "
+                f"FALLING BACK to {candidates[candidates.index(quantization) + 1]}"
+            )
+    else:
+        raise ExportError(
+            f"fidelity gate failed: {report['identical_label_sets']:.1%} of held-out stacks keep their exact "
+            "label "
+            f"set with {quantization} (gate {args.min_identical:.0%}; tried {', '.join(candidates)}); "
+            "try more --calibration stacks, --fallback float16,float32, or a lower --min-identical"
+        )
+    report["attempts"] = attempts
+    if trained.spec.weights == "random":
+        report["caveat"] = "measured with random backbone weights: says little about real ImageNet weights"
+    golden_images = held[: args.golden]
+    golden_emb = TFLiteEmbedder(tflite)(golden_images)
+    golden = {"images": golden_images, "embeddings": golden_emb, "probabilities": classifier(golden_emb)}
+    write_bundle(args.out, trained, tflite, onnx, golden, quantization, report, args.purpose)
+    bundle = load_bundle(args.out)
+    print(
+        f"export: bundle {args.out} ({quantization}, purpose {args.purpose}) verified with the device "
+        "runtimes "
+        f"({bundle.embedder.runtime}); {time.monotonic() - started:.0f} s"
+    )
+    return 0
+
+
+def _quantizations(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    for value in values:
+        if value not in QUANTIZATIONS:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(QUANTIZATIONS)}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model folder written by 'hpa-edge train'")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the image folder the model was trained from"
+    )
+    parser.add_argument("--labels", type=Path, help="its Id,Target label file (default: DATA/train.csv)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--weights", help="the backbone weights file, if the model was embedded with one")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="int8", help="(default int8)")
+    parser.add_argument(
+        "--calibration", type=int, default=100, help="training stacks for int8 calibration (default 100)"
+    )
+    parser.add_argument(
+        "--fidelity-stacks", type=int, default=200, help="held-out stacks for fidelity (default 200)"
+    )
+    parser.add_argument(
+        "--min-identical", type=float, default=0.99, help="gate: share of identical label sets (default 0.99)"
+    )
+    parser.add_argument(
+        "--fallback",
+        type=_quantizations,
+        default=[],
+        help="quantizations to try in order when the gate fails, e.g. float16,float32 (default: none, fail)",
+    )
+    parser.add_argument("--golden", type=int, default=4, help="golden stacks in the bundle (default 4)")
+    parser.add_argument("--purpose", choices=("production", "demo"), default="production")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return export(args)
+    except (ExportError, BackboneError, BundleError, DatasetError) as exc:
+        print(f"hpa-edge export: {exc}", file=sys.stderr)
+        return 2
