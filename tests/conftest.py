@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -49,3 +50,45 @@ def synthetic_embeddings(synthetic_set: Path, tmp_path_factory: pytest.TempPathF
     dataset = Dataset(synthetic_set, synthetic_set / "train.csv")
     embed_dataset(dataset, Embedder(BackboneSpec("lite0"), Preprocessing(size=224)), EmbeddingCache(folder))
     return folder
+
+
+def export_args(**overrides: object) -> argparse.Namespace:
+    """Options of `hpa-edge export` for small test bundles (fast: few stacks)."""
+    values: dict[str, object] = {
+        "weights": None,
+        "labels": None,
+        "quantization": "int8",
+        "calibration": 20,
+        "fidelity_stacks": 30,
+        "min_identical": 0.0,  # tests of the mechanics; the gate has its own test
+        "fallback": [],
+        "golden": 3,
+        "purpose": "demo",
+        "seed": 0,
+    }
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture(scope="session")
+def small_model(
+    synthetic_set: Path, synthetic_embeddings: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A model folder trained with small forests on the session's Lite0 embeddings."""
+    from agent.cli import main
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    args = ["train", "--embeddings", str(synthetic_embeddings), "--labels", str(synthetic_set / "train.csv"),
+            "--out", str(out), "--trees", "10", "--original-trees", "10", "--bootstrap", "50"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_bundle(synthetic_set: Path, small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An int8 Lite0 bundle of the small model, exported once per session."""
+    from export.make_bundle import export
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    assert export(export_args(model=small_model, data=synthetic_set, out=out)) == 0
+    return out

@@ -1,0 +1,139 @@
+"""Model bundles: what export writes, what the device accepts, and every way a bundle is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle import BundleError, file_sha256, load_bundle
+from agent.labels import LOCATIONS
+from tests.conftest import REPO, export_args
+
+pytestmark = pytest.mark.integration
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def _edit_manifest(folder: Path, change: dict[str, object]) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(change)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_manifest_follows_the_published_schema(small_bundle: Path) -> None:
+    import jsonschema
+
+    schema = json.loads((REPO / "models" / "manifest.schema.json").read_text())
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(manifest, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_an_exported_bundle_loads_and_passes_its_golden_vectors(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle)
+    assert bundle.golden is not None
+    assert bundle.golden.n == 3
+    assert bundle.golden.min_cosine > 0.9999
+    assert bundle.embedder.input_dtype == np.uint8  # int8 model: raw pixels in
+    manifest = bundle.manifest
+    assert manifest["purpose"] == "demo"
+    assert manifest["fidelity"]["quantization"] == "int8"
+    assert 0.0 <= manifest["fidelity"]["identical_label_sets"] <= 1.0
+
+
+def test_a_bundle_of_lite0_carries_the_weights_licence(small_bundle: Path) -> None:
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    assert "Apache" in manifest["backbone"]["licence"]
+    assert "Apache License" in (small_bundle / manifest["files"]["licence"]["path"]).read_text()
+
+
+def test_thresholds_are_applied_in_the_bundle(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle, check_golden=False)
+    probabilities = np.array([bundle.thresholds, bundle.thresholds - 1e-3])
+    labels = bundle.labels_for(probabilities)
+    assert labels[0].all()
+    assert not labels[1].any()
+
+
+def test_a_missing_file_is_named(small_bundle: Path, tmp_path: Path) -> None:
+    folder = _copy(small_bundle, tmp_path)
+    (folder / "classifiers.onnx").unlink()
+    with pytest.raises(BundleError, match=r"classifiers\.onnx: classifiers file is missing"):
+        load_bundle(folder)
+
+
+def test_one_changed_byte_is_caught_by_its_hash(small_bundle: Path, tmp_path: Path) -> None:
+    folder = _copy(small_bundle, tmp_path)
+    data = bytearray((folder / "embedder.tflite").read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / "embedder.tflite").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"embedder\.tflite: sha256 .* differs from the manifest"):
+        load_bundle(folder)
+
+
+def test_an_unknown_schema_version_is_refused(small_bundle: Path, tmp_path: Path) -> None:
+    folder = _copy(small_bundle, tmp_path)
+    _edit_manifest(folder, {"schema_version": 2})
+    with pytest.raises(BundleError, match="schema_version 2 is not supported"):
+        load_bundle(folder)
+
+
+def test_labels_that_do_not_match_the_model_are_refused(small_bundle: Path, tmp_path: Path) -> None:
+    folder = _copy(small_bundle, tmp_path)
+    _edit_manifest(folder, {"labels": list(reversed(LOCATIONS))})
+    with pytest.raises(BundleError, match="labels are not the 28 locations"):
+        load_bundle(folder)
+    _edit_manifest(folder, {"labels": list(LOCATIONS[:27])})
+    with pytest.raises(BundleError, match="labels are not the 28 locations"):
+        load_bundle(folder)
+
+
+def test_golden_outputs_this_machine_cannot_reproduce_are_refused(small_bundle: Path, tmp_path: Path) -> None:
+    """As if another runtime or CPU computed different answers: the golden check says so."""
+    folder = _copy(small_bundle, tmp_path)
+    with np.load(folder / "golden.npz") as data:
+        golden = {k: data[k] for k in data.files}
+    golden["probabilities"] = np.clip(golden["probabilities"] + 0.2, 0, 1)
+    np.savez_compressed(folder / "golden.npz", **golden)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["golden"]["sha256"] = file_sha256(folder / "golden.npz")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="golden probabilities differ"):
+        load_bundle(folder)
+
+
+def test_verify_command_says_ok_or_exactly_what_is_wrong(
+    small_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["verify", str(small_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "verify: OK" in out
+    assert "demonstration bundle" in out
+    folder = _copy(small_bundle, tmp_path)
+    (folder / "golden.npz").unlink()
+    assert main(["verify", str(folder)]) == 1
+    assert "REFUSED" in capsys.readouterr().out
+
+
+def test_export_fails_the_fidelity_gate_loudly_and_writes_no_bundle(
+    synthetic_set: Path, small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.make_bundle import run
+
+    out = tmp_path / "refused"
+    args = export_args(
+        model=small_model, data=synthetic_set, out=out, quantization="float32", min_identical=1.01
+    )
+    assert run(args) == 2
+    assert "fidelity gate failed" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()

@@ -1,0 +1,59 @@
+"""Conversion: the merged ONNX graph answers as scikit-learn does; TFLite takes raw pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.classifier import OnnxClassifier
+from agent.labels import N_LOCATIONS
+from export.forest import ForestSettings, fit_forests, predict_scores
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_labels() -> None:
+    from export.convert import forests_to_onnx
+    from export.make_bundle import onnx_parity
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 1280)).astype(np.float32)
+    y = (rng.random((300, N_LOCATIONS)) < 0.2).astype(np.uint8)
+    y[:, 27] = 0  # a location without positives: no forest, constant 0
+    forests = fit_forests(x, y, ForestSettings(trees=15, jobs=2))
+    classifier = OnnxClassifier(forests_to_onnx(forests, 1280))
+    fresh = rng.normal(size=(200, 1280)).astype(np.float32)
+    onnx, sklearn = classifier(fresh), predict_scores(forests, fresh)
+    assert onnx.shape == (200, N_LOCATIONS)
+    assert (onnx[:, 27] == 0).all()
+    difference, flips, _ = onnx_parity(onnx, sklearn, np.full(N_LOCATIONS, 0.3))
+    assert difference < 1e-5
+    assert flips == 0
+
+
+def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> None:
+    from agent.embedder import TFLiteEmbedder
+    from export.backbones import BackboneSpec, build
+    from export.convert import to_tflite
+
+    model = build(BackboneSpec("lite0"), 96)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 96, 96, 3), dtype=np.uint8)
+    images[:, 20:60, 20:60] = 200  # some structure, not only noise
+    embedder = TFLiteEmbedder(to_tflite(model, "int8", images[:8]))
+    assert embedder.input_dtype == np.uint8
+    exported = embedder(images[8:])
+    reference = np.asarray(model(images[8:].astype(np.float32)))
+    cosine = (
+        (exported * reference).sum(1) / np.linalg.norm(exported, axis=1) / np.linalg.norm(reference, axis=1)
+    )
+    assert cosine.min() > 0.8
+    assert exported.shape == (4, 1280)
+
+
+def test_int8_without_calibration_images_is_refused() -> None:
+    from export.backbones import BackboneSpec, build
+    from export.convert import to_tflite
+
+    with pytest.raises(ValueError, match="needs calibration images"):
+        to_tflite(build(BackboneSpec("lite0"), 64), "int8", None)
