@@ -137,3 +137,26 @@ def test_export_fails_the_fidelity_gate_loudly_and_writes_no_bundle(
     assert run(args) == 2
     assert "fidelity gate failed" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
+
+
+def test_the_embedder_refuses_pixels_of_the_wrong_size_or_type(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle, check_golden=False)
+    size = bundle.preprocessing.size
+    with pytest.raises(ValueError, match=f"expected uint8 N x {size}"):
+        bundle.embedder(np.zeros((1, size, size, 3), np.float32))
+    with pytest.raises(ValueError, match=f"expected uint8 N x {size}"):
+        bundle.embedder(np.zeros((1, size // 2, size // 2, 3), np.uint8))
+
+
+def test_without_any_tflite_runtime_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import embedder
+
+    monkeypatch.setattr(embedder, "RUNTIMES", ("no_such_runtime.interpreter",))
+    with pytest.raises(embedder.RuntimeMissingError, match="install ai-edge-litert"):
+        embedder.interpreter_class()
+
+
+def test_litert_is_the_runtime_chosen_on_this_machine() -> None:
+    from agent.embedder import interpreter_class
+
+    assert interpreter_class()[1] == "ai_edge_litert.interpreter"
