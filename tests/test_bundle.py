@@ -160,3 +160,12 @@ def test_litert_is_the_runtime_chosen_on_this_machine() -> None:
     from agent.embedder import interpreter_class
 
     assert interpreter_class()[1] == "ai_edge_litert.interpreter"
+
+
+def test_the_committed_demo_bundle_verifies_here_and_says_it_is_a_demo() -> None:
+    folder = REPO / "models" / "demo"
+    bundle = load_bundle(folder)
+    assert bundle.purpose == "demo"
+    assert bundle.manifest["quantization"] == "int8"
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 15_000_000
+    assert (folder / "LICENSE-efficientnet-lite0").is_file()
