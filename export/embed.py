@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.digest import file_sha256
 from agent.errors import StackError
 from agent.labels import CHANNELS
 from agent.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
@@ -63,7 +64,7 @@ def stack_fingerprint(channel_sha256: Mapping[str, str]) -> str:
 
 def file_fingerprint(paths: Mapping[str, Path]) -> str:
     """The fingerprint of a stack on disk, from its files' bytes, without decoding them."""
-    return stack_fingerprint({c: hashlib.sha256(Path(paths[c]).read_bytes()).hexdigest() for c in CHANNELS})
+    return stack_fingerprint({c: file_sha256(Path(paths[c])) for c in CHANNELS})
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import MANIFEST, SCHEMA_VERSION, BundleError, file_sha256, load_bundle
+from agent.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
 from agent.classifier import OnnxClassifier
+from agent.digest import file_sha256
 from agent.embedder import TFLiteEmbedder
 from agent.errors import StackError
 from agent.labels import LOCATIONS

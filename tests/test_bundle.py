@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import BundleError, file_sha256, load_bundle
+from agent.bundle import BundleError, load_bundle
+from agent.digest import file_sha256
 from agent.labels import LOCATIONS
 from tests.conftest import REPO, export_args
 
