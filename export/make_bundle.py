@@ -253,7 +253,9 @@ def export(args: argparse.Namespace) -> int:
     candidates = [args.quantization] + [q for q in args.fallback if q != args.quantization]
     attempts: list[dict[str, Any]] = []
     for quantization in candidates:
-        tflite = to_tflite(keras_model, quantization, calibration if quantization == "int8" else None)
+        tflite = to_tflite(
+            keras_model, quantization, calibration if quantization.startswith("int8") else None
+        )
         exp_emb = TFLiteEmbedder(tflite)(held)
         report = fidelity(
             (ref_emb, ref_prob), (exp_emb, classifier(exp_emb)), trained.thresholds, truth, args.seed
