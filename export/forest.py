@@ -50,25 +50,28 @@ Forests = list[Any]  # one fitted ExtraTreesClassifier per location, or None
 
 def fit_forests(x: np.ndarray, y: np.ndarray, settings: ForestSettings) -> Forests:
     """One binary forest per column of y; seeds differ per location but are fixed."""
-    from sklearn.ensemble import ExtraTreesClassifier
-
     forests: Forests = []
     for j in range(y.shape[1]):
         column = y[:, j].astype(np.int64)
         if column.min() == column.max():
             forests.append(None)
             continue
-        forest = ExtraTreesClassifier(
-            n_estimators=settings.trees,
-            max_leaf_nodes=settings.max_leaf_nodes,
-            min_samples_leaf=settings.min_samples_leaf,
-            max_features=settings.max_features,
-            class_weight=settings.class_weight,
-            n_jobs=settings.jobs,
-            random_state=settings.seed + j,
-        )
-        forests.append(forest.fit(x, column))
+        forests.append(_forest(settings, settings.seed + j).fit(x, column))
     return forests
+
+
+def _forest(settings: ForestSettings, seed: int) -> Any:
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    return ExtraTreesClassifier(
+        n_estimators=settings.trees,
+        max_leaf_nodes=settings.max_leaf_nodes,
+        min_samples_leaf=settings.min_samples_leaf,
+        max_features=settings.max_features,
+        class_weight=settings.class_weight,
+        n_jobs=settings.jobs,
+        random_state=seed,
+    )
 
 
 def predict_scores(forests: Forests, x: np.ndarray) -> np.ndarray:
@@ -127,19 +130,8 @@ def count_nodes(forests: Forests) -> int:
 
 def fit_joint(x: np.ndarray, y: np.ndarray, pair: tuple[int, int], settings: ForestSettings) -> Any:
     """One 4-class forest over the label combinations of two locations (neither, first, second, both)."""
-    from sklearn.ensemble import ExtraTreesClassifier
-
     combined = y[:, pair[0]].astype(np.int64) + 2 * y[:, pair[1]].astype(np.int64)
-    forest = ExtraTreesClassifier(
-        n_estimators=settings.trees,
-        max_leaf_nodes=settings.max_leaf_nodes,
-        min_samples_leaf=settings.min_samples_leaf,
-        max_features=settings.max_features,
-        class_weight=settings.class_weight,
-        n_jobs=settings.jobs,
-        random_state=settings.seed + 100,
-    )
-    return forest.fit(x, combined)
+    return _forest(settings, settings.seed + 100).fit(x, combined)
 
 
 def predict_joint(forest: Any, x: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from agent.labels import (
 )
 from export.cells import paint_stack
 from export.dataset import DatasetError, read_labels
+from export.progress import Progress
 
 GENERATOR_VERSION = 1
 LabelSets = list[tuple[int, ...]]
@@ -151,9 +152,12 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     label_sets = sample_label_sets(n, seed, prior)
     jobs = [(out, seed, i, labels, size, depth) for i, labels in enumerate(label_sets)]
-    started = time.monotonic()
-    for done, _ in enumerate(_run_jobs(jobs, workers or os.cpu_count() or 1), start=1):
-        _report(progress, done, n, started)
+    bar = Progress("synth", n) if progress else None
+    for _ in _run_jobs(jobs, workers or os.cpu_count() or 1):
+        if bar is not None:
+            bar.advance()
+    if bar is not None:
+        bar.close()
     labels_csv = out / "train.csv"
     partial = out / ".train.csv.tmp"
     lines = ["Id,Target"] + [f"{stack_id(seed, i)},{' '.join(map(str, s))}" for i, s in enumerate(label_sets)]
@@ -170,15 +174,6 @@ def generate(
     }
     (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return labels_csv
-
-
-def _report(enabled: bool, done: int, total: int, started: float) -> None:
-    if not enabled or (done % 25 and done != total):
-        return
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    print(f"synth: {done}/{total} stacks, {rate:.1f} stacks/s, eta {eta:.0f} s", flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
