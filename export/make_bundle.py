@@ -226,8 +226,8 @@ def export(args: argparse.Namespace) -> int:
     trained = read_model(args.model, args.weights)
     dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing="skip")
     test_ids = list(trained.meta["test_ids"])
-    known = set(dataset.ids)
-    train_ids = [s for s in dataset.ids if s not in set(test_ids)]
+    known, held_out = set(dataset.ids), set(test_ids)
+    train_ids = [s for s in dataset.ids if s not in held_out]
     rng = np.random.default_rng(args.seed)
     calibration_ids = list(rng.permutation(train_ids)[: args.calibration])
     held_ids = [s for s in test_ids if s in known][: args.fidelity_stacks]
@@ -279,16 +279,19 @@ def export(args: argparse.Namespace) -> int:
     else:
         raise ExportError(
             f"fidelity gate failed: {report['identical_label_sets']:.1%} of held-out stacks keep their exact "
-            "label "
-            f"set with {quantization} (gate {args.min_identical:.0%}; tried {', '.join(candidates)}); "
+            f"label set with {quantization} (gate {args.min_identical:.0%}; tried {', '.join(candidates)}); "
             "try more --calibration stacks, --fallback float16,float32, or a lower --min-identical"
         )
     report["attempts"] = attempts
     if trained.spec.weights == "random":
         report["caveat"] = "measured with random backbone weights: says little about real ImageNet weights"
-    golden_images = held[: args.golden]
-    golden_emb = TFLiteEmbedder(tflite)(golden_images)
-    golden = {"images": golden_images, "embeddings": golden_emb, "probabilities": classifier(golden_emb)}
+    # The golden stacks are the first held-out ones, already run through the exported pipeline.
+    golden_emb = exp_emb[: args.golden]
+    golden = {
+        "images": held[: args.golden],
+        "embeddings": golden_emb,
+        "probabilities": classifier(golden_emb),
+    }
     write_bundle(args.out, trained, tflite, onnx, golden, quantization, report, args.purpose)
     bundle = load_bundle(args.out)
     print(
