@@ -70,6 +70,11 @@ class Bundle:
     def purpose(self) -> str:
         return str(self.manifest["purpose"])
 
+    @property
+    def id(self) -> str:
+        """A short name for logs and results: backbone, quantization and the manifest's hash."""
+        return f"{self.manifest['backbone']['name']}-{self.manifest['quantization']}-{self.sha256[:12]}"
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.classifier(self.embedder(images))
 

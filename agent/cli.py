@@ -34,6 +34,9 @@ COMMANDS: dict[str, Command] = {
     "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
     "export": Command("export.make_bundle", "turn a trained model into a verified model bundle", "export"),
     "verify": Command("agent.verify", "check a model bundle with the device runtimes", "agent"),
+    "run": Command(
+        "agent.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
+    ),
     "train": Command(
         "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
     ),

@@ -1,0 +1,61 @@
+"""The publisher's side of the outbox: what to send next, and what the broker said about it.
+
+A row leaves the outbox only when the broker acknowledged it with a success code. A row the
+broker refused (MQTT 5 reason code >= 0x80, e.g. 135 "not authorized") is marked rejected
+with the reason and kept for the operator; it is not retried, so an ACL mistake cannot turn
+into a retry storm. Rows are sent in the order they were written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.state import StateError, connect
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    kind: str
+    msg_id: str
+    payload: bytes
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        # A delete lost to a power cut only re-sends a message that consumers de-duplicate.
+        self.db = connect(self.path, synchronous="NORMAL")
+
+    def next_rows(self, limit: int, skip: Collection[int] = ()) -> list[Row]:
+        """The oldest pending rows not in `skip` (those already in flight)."""
+        rows = self.db.execute(
+            "SELECT seq, kind, msg_id, payload FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?",
+            (limit + len(skip),),
+        ).fetchall()
+        picked = [Row(int(s), str(k), str(m), bytes(p)) for s, k, m, p in rows if s not in skip]
+        return picked[:limit]
+
+    def acknowledged(self, seq: int) -> None:
+        self._write("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def rejected(self, seq: int, reason: str) -> None:
+        self._write("UPDATE outbox SET state = 'rejected', reason = ? WHERE seq = ?", (reason, seq))
+
+    def depth(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        counts = {"pending": 0, "rejected": 0}
+        counts.update({str(state): int(n) for state, n in rows})
+        return counts
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+        try:
+            self.db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot update the outbox: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,130 @@
+"""One stack from its files to what the agent will say about it: a result or an error.
+
+decode (stack.py) -> preprocess (preprocess.py) -> embed (TFLite) -> classify (ONNX) ->
+thresholds (bundle.py) -> the result document (messages.py). Nothing here writes to disk or
+the network: `analyse` returns an `Outcome` that the service records and then acts on, so
+the same code serves the agent, `hpa-edge predict` and the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import messages
+from agent.bundle import Bundle
+from agent.digest import file_sha256
+from agent.errors import StackError
+from agent.image import Limits
+from agent.preprocess import Preprocessing, preprocess
+from agent.stack import read_stack
+from agent.state import Message, Record, files_digest
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stack_id: str
+    outcome: str  # result | failed | quarantined
+    destination: str  # done | failed | quarantine
+    files_sha256: str
+    document: dict[str, Any]  # the result or error document
+    paths: Mapping[str, Path]
+    started: float  # time.perf_counter() when analysis began
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.document["msg_id"])
+
+    def record(self) -> Record:
+        kind = "results" if self.outcome == "result" else "errors"
+        message = Message(kind, self.msg_id, messages.encode(self.document))
+        return Record(self.stack_id, self.files_sha256, self.outcome, self.msg_id, (message,))
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, instrument: str, limits: Limits = Limits(), bits: int = 0) -> None:
+        self.bundle = bundle
+        self.instrument = instrument
+        self.limits = limits
+        prep = bundle.preprocessing
+        if bits and prep.bit_depth.mode == "bits":
+            prep = dataclasses.replace(prep, bit_depth=dataclasses.replace(prep.bit_depth, bits=bits))
+        self.preprocessing: Preprocessing = prep
+        self.bundle_info = {"id": bundle.id, "sha256": bundle.sha256, "purpose": bundle.purpose}
+
+    def analyse(self, stack_id: str, paths: Mapping[str, Path]) -> Outcome:
+        """Read and classify one complete stack; any StackError becomes a `failed` outcome."""
+        started = time.perf_counter()
+        try:
+            for path in paths.values():
+                if Path(path).is_symlink():
+                    raise StackError(
+                        "symlink", "is a symbolic link; the agent reads only regular files", path
+                    )
+            stack = read_stack(stack_id, paths, self.limits)
+            decoded = time.perf_counter()
+            image = preprocess(stack.channels, self.preprocessing)
+            prepared = time.perf_counter()
+        except StackError as exc:
+            return self.failure(stack_id, paths, exc, "failed", started)
+        embedding = self.bundle.embedder(image[None])
+        embedded = time.perf_counter()
+        probabilities = self.bundle.classifier(embedding)[0]
+        labels = self.bundle.labels_for(probabilities[None])[0]
+        done = time.perf_counter()
+        digest = files_digest(stack.sha256)
+        document = messages.result_document(
+            msg_id=messages.msg_id(self.instrument, stack_id, digest, self.bundle.sha256),
+            instrument=self.instrument,
+            stack_id=stack_id,
+            files=messages.files_entry({c: p.name for c, p in stack.paths.items()}, stack.sha256),
+            probabilities=[float(p) for p in probabilities],
+            labels=[bool(x) for x in np.asarray(labels)],
+            bundle=self.bundle_info,
+            timings_ms={
+                "decode": (decoded - started) * 1e3,
+                "preprocess": (prepared - decoded) * 1e3,
+                "embed": (embedded - prepared) * 1e3,
+                "classify": (done - embedded) * 1e3,
+                "total": (done - started) * 1e3,
+            },
+        )
+        return Outcome(stack_id, "result", "done", digest, document, dict(stack.paths), started)
+
+    def failure(
+        self,
+        stack_id: str,
+        paths: Mapping[str, Path],
+        error: StackError,
+        destination: str,
+        started: float | None = None,
+    ) -> Outcome:
+        """The error outcome of a stack: failed (unreadable) or quarantine (incomplete)."""
+        sha256 = {channel: _hash_or_blank(Path(path)) for channel, path in paths.items()}
+        digest = files_digest(sha256)
+        kind = "failed" if destination == "failed" else "quarantined"
+        document = messages.error_document(
+            msg_id=messages.msg_id(self.instrument, stack_id, digest, self.bundle.sha256, kind="error"),
+            instrument=self.instrument,
+            stack_id=stack_id,
+            code=error.code,
+            message=str(error),
+            files=messages.files_entry({c: Path(p).name for c, p in paths.items()}, sha256),
+            moved_to=destination,
+        )
+        return Outcome(
+            stack_id, kind, destination, digest, document, dict(paths), started or time.perf_counter()
+        )
+
+
+def _hash_or_blank(path: Path) -> str:
+    try:
+        return "" if path.is_symlink() else file_sha256(path)
+    except OSError:
+        return ""
