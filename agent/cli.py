@@ -34,6 +34,10 @@ COMMANDS: dict[str, Command] = {
     "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
     "export": Command("export.make_bundle", "turn a trained model into a verified model bundle", "export"),
     "verify": Command("agent.verify", "check a model bundle with the device runtimes", "agent"),
+    "predict": Command(
+        "agent.predict", "classify stack files once and print JSON results (no broker)", "agent"
+    ),
+    "listen": Command("agent.listen", "print results arriving from devices over MQTT, as a table", "agent"),
     "run": Command(
         "agent.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
     ),

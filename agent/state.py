@@ -52,11 +52,12 @@ class StateError(RuntimeError):
 
 
 def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """Open (creating if needed) the database in WAL mode; one connection per thread."""
+    """Open (creating if needed) the database in WAL mode. A connection belongs to one thread
+    at a time (opened in start-up, then used by the loop); two threads never share one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=True)
+        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("PRAGMA foreign_keys=ON")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +94,31 @@ def small_bundle(synthetic_set: Path, small_model: Path, tmp_path_factory: pytes
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     assert export(export_args(model=small_model, data=synthetic_set, out=out)) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_bundle() -> Any:
+    """The committed demo bundle, loaded and checked once (hashes, golden vectors)."""
+    from agent.bundle import load_bundle
+
+    return load_bundle(REPO / "models" / "demo", threads=2)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    """A real mosquitto on a free loopback port, for this test only."""
+    from tests.broker import Broker
+
+    running = Broker(tmp_path / "broker").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def subscriber(broker: Any) -> Iterator[Any]:
+    """Records every message the test's broker carries."""
+    from tests.broker import Subscriber
+
+    listening = Subscriber(broker.port)
+    yield listening
+    listening.close()

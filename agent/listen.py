@@ -1,0 +1,141 @@
+"""`hpa-edge listen --broker HOST[:PORT]`: watch a device's results arrive, as a table.
+
+What an operator runs to check that a microscope's agent is alive and publishing: it
+subscribes to results, errors and status (default `hpa-edge/+/#` without stats) and prints
+one line per message. `--count N` exits after N results or errors, `--seconds S` after S
+seconds; `--json` prints the raw documents instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+COLUMNS = ("time", "instrument", "stack", "labels", "top score", "ms")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", default="localhost:1883", help="HOST[:PORT] (default localhost:1883)")
+    parser.add_argument("--topic", default="hpa-edge/+/#", help="subscription (default hpa-edge/+/#)")
+    parser.add_argument("--username", default="", help="broker user name")
+    parser.add_argument("--password-file", default="", help="file holding the broker password")
+    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (default 5)")
+    parser.add_argument(
+        "--count", type=int, default=0, help="exit after this many results/errors (0 = never)"
+    )
+    parser.add_argument("--seconds", type=float, default=0, help="exit after this long (0 = never)")
+    parser.add_argument("--json", action="store_true", help="print raw JSON documents")
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "1883")
+    if not host:
+        raise ValueError(f"--broker {text!r}: expected HOST[:PORT]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"--broker {text!r}: port {port!r} is not a number") from None
+    return host, number
+
+
+def format_row(topic: str, payload: bytes) -> str | None:
+    """One table line for a message; None for messages the table does not show (stats)."""
+    kind = topic.rsplit("/", 1)[-1]
+    if kind == "status":
+        return f"{'':24} {topic.split('/')[-2]:<14} status: {payload.decode(errors='replace')}"
+    if kind not in ("results", "errors"):
+        return None
+    try:
+        doc: dict[str, Any] = json.loads(payload)
+    except ValueError:
+        return f"{'':24} {'?':<14} unreadable message on {topic}"
+    stack = str(doc.get("stack_id"))[:36]
+    if kind == "errors":
+        where = f"{doc.get('time', ''):<24} {doc.get('instrument', ''):<14} {stack:<36}"
+        return f"{where} ERROR {doc.get('code')}: {doc.get('message')}"
+    scores = doc.get("scores", {})
+    top = max(scores.items(), key=lambda kv: kv[1]) if scores else ("-", 0.0)
+    labels = ", ".join(doc.get("labels", [])) or "(none)"
+    demo = " [demo]" if doc.get("purpose") == "demo" else ""
+    return (
+        f"{doc.get('time', ''):<24} {doc.get('instrument', ''):<14} {stack:<36} {labels}{demo}"
+        f"  | top {top[0]} {top[1]:.2f} | {doc.get('total_ms', 0):.1f} ms"
+    )
+
+
+def listen(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = parse_broker(args.broker)
+    done = threading.Event()
+    seen = 0
+    v5 = args.protocol == "5"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    if args.username:
+        password = None
+        if args.password_file:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        client.username_pw_set(args.username, password)
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            print(f"listen: broker refused the connection: {reason}", file=sys.stderr)
+            done.set()
+            return
+        client.subscribe(args.topic, qos=1)
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        nonlocal seen
+        kind = message.topic.rsplit("/", 1)[-1]
+        if args.json:
+            if kind != "stats" or "stats" in args.topic:
+                out.write(message.payload.decode(errors="replace") + "\n")
+        else:
+            row = format_row(message.topic, message.payload)
+            if row is not None:
+                out.write(row + "\n")
+        out.flush()
+        if kind in ("results", "errors"):
+            seen += 1
+            if args.count and seen >= args.count:
+                done.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        print(f"listen: cannot reach {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if not args.json:
+        out.write(f"listening on {host}:{port} topic {args.topic}\n")
+    client.loop_start()
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    try:
+        while not done.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            done.wait(0.2)
+    except KeyboardInterrupt:
+        pass
+    client.disconnect()
+    client.loop_stop()
+    if args.count and seen < args.count:
+        print(f"listen: {seen} of {args.count} messages arrived", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        parse_broker(args.broker)
+    except ValueError as exc:
+        print(f"listen: {exc}", file=sys.stderr)
+        return 2
+    return listen(args)
