@@ -156,6 +156,8 @@ class Publisher(threading.Thread):
             return
         self._outbox.acknowledged(row.seq)
         self.sent += 1
+        if row.kind == "results":  # latest = the newest result the broker accepted
+            client.publish(messages.topic(self.prefix, "latest"), row.payload, qos=1, retain=True)
 
     def _step(self) -> None:
         import paho.mqtt.client as mqtt
@@ -192,8 +194,6 @@ class Publisher(threading.Thread):
                 self._more = True
                 return
             self.inflight[info.mid] = row
-            if row.kind == "results":
-                self._client.publish(messages.topic(self.prefix, "latest"), row.payload, qos=1, retain=True)
 
     def outbox_depth(self) -> dict[str, int]:
         """Pending and rejected rows (publisher thread only: the outbox connection is its own)."""

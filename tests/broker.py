@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -50,7 +52,10 @@ class Broker:
             f"listener {self.port} 127.0.0.1\n"
             "persistence false\n"
             f"log_dest file {self.log}\n"
-            "log_type all\n" + (self.extra or "allow_anonymous true\n")
+            "log_type all\n"
+            # as root, mosquitto drops to its own user, who cannot read the test's files
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + (self.extra or "allow_anonymous true\n")
         )
         self.process = subprocess.Popen(
             [mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -189,10 +194,8 @@ class Proxy:
             except OSError:
                 return
         for sock in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def freeze(self) -> None:
         self.frozen.set()
@@ -205,10 +208,8 @@ class Proxy:
             self._listener = None
         with self._lock:
             for sock in self._sockets:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
             self._sockets.clear()
         for thread in self._threads:

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -23,13 +24,13 @@ pytestmark = pytest.mark.integration
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
 
 
-def validate(payload: bytes, definition: str) -> dict:
+def validate(payload: bytes, definition: str) -> dict[str, Any]:
     document = json.loads(payload)
-    jsonschema.validate(document, {**SCHEMA, "$ref": f"#/$defs/{definition}"})
+    jsonschema.validate(document, {"$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{definition}"})
     return document
 
 
-def results(sub: Subscriber) -> list[dict]:
+def results(sub: Subscriber) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in sub.on("results")]
 
 
@@ -43,7 +44,8 @@ def test_a_dropped_stack_arrives_as_a_valid_result_and_its_files_move_to_done(
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         assert subscriber.wait_for(lambda: len(subscriber.on("latest")) == 1)
     document = validate(subscriber.on("results")[0].payload, "result")
-    assert document["stack_id"] == "s1" and document["instrument"] == "scope"
+    assert document["stack_id"] == "s1"
+    assert document["instrument"] == "scope"
     assert document["purpose"] == "demo"
     # The labels are the bundle's answer for exactly these pixels.
     stack = read_stack("s1", {c: config.folder("done") / f"s1_{c}.png" for c in CHANNELS})
@@ -60,7 +62,8 @@ def test_a_dropped_stack_arrives_as_a_valid_result_and_its_files_move_to_done(
     assert not any(config.watch.folder.glob("s1_*"))
     assert json.loads(subscriber.on("latest")[0].payload)["msg_id"] == document["msg_id"]
     statuses = [m.payload for m in subscriber.on("status")]
-    assert statuses[0] == b"online" and statuses[-1] == b"offline"
+    assert statuses[0] == b"online"
+    assert statuses[-1] == b"offline"
 
 
 def test_channels_arriving_in_any_order_slowly_give_one_result(
@@ -72,7 +75,8 @@ def test_channels_arriving_in_any_order_slowly_give_one_result(
         for channel in ("yellow", "blue", "green"):
             shutil.copyfile(files[channel], config.watch.folder / f"late_{channel}.png")
             time.sleep(0.4)
-        assert agent.waiting == 1 and not subscriber.on("results")
+        assert agent.waiting == 1
+        assert not subscriber.on("results")
         shutil.copyfile(files["red"], config.watch.folder / "late_red.png")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         time.sleep(0.5)
@@ -128,7 +132,8 @@ def test_stacks_already_in_the_folder_at_start_are_processed(
 def test_the_polling_observer_processes_stacks(tmp_path, broker, subscriber, demo_bundle, real_dir):
     config = config_for(tmp_path, broker.port, {"watch": {"observer": "polling"}})
     with running(config, demo_bundle) as agent:
-        assert agent.watcher is not None and agent.watcher.mode == "polling"
+        assert agent.watcher is not None
+        assert agent.watcher.mode == "polling"
         drop(stack_files(real_dir, 5), config.watch.folder, "polled")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
 
@@ -175,7 +180,9 @@ def test_a_corrupt_stack_goes_to_failed_with_an_error_message(
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         assert agent.counts["failed"] == 1
     error = validate(subscriber.on("errors")[0].payload, "error")
-    assert error["stack_id"] == "bad" and error["code"] == "truncated" and error["moved_to"] == "failed"
+    assert error["stack_id"] == "bad"
+    assert error["code"] == "truncated"
+    assert error["moved_to"] == "failed"
     failed = config.folder("failed")
     assert sorted(p.name for p in failed.iterdir()) == sorted(
         [*(f"bad_{c}.png" for c in CHANNELS), "bad.error.json"]
@@ -192,9 +199,9 @@ def test_an_incomplete_stack_is_quarantined_after_the_timeout(
         assert subscriber.wait_for(lambda: len(subscriber.on("errors")) == 1)
         assert agent.counts["quarantined"] == 1
     error = validate(subscriber.on("errors")[0].payload, "error")
-    assert (
-        error["code"] == "incomplete" and "yellow" in error["message"] and error["moved_to"] == "quarantine"
-    )
+    assert error["code"] == "incomplete"
+    assert "yellow" in error["message"]
+    assert error["moved_to"] == "quarantine"
     assert sorted(p.name for p in config.folder("quarantine").iterdir()) == sorted(
         ["three_red.png", "three_green.png", "three_blue.png", "three.error.json"]
     )

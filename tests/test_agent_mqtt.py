@@ -1,0 +1,161 @@
+"""The agent's MQTT side against a real mosquitto: protocols, refusals, credentials, status, stats."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from agent.outbox import Outbox
+from tests.agent_harness import config_for, drop, running, stack_files
+from tests.broker import Broker, Subscriber
+
+pytestmark = pytest.mark.integration
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
+
+
+def outbox_depth(database: Path) -> dict[str, int]:
+    outbox = Outbox(database)
+    try:
+        return outbox.depth()
+    finally:
+        outbox.close()
+
+
+def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, real_dir):
+    config = config_for(tmp_path, broker.port, {"mqtt": {"protocol": "3.1.1"}})
+    with running(config, demo_bundle):
+        drop(stack_files(real_dir, 20), config.watch.folder, "old")
+        assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
+    assert json.loads(subscriber.on("results")[0].payload)["stack_id"] == "old"
+    assert outbox_depth(config.state.database)["pending"] == 0
+
+
+def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, demo_bundle, real_dir):
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "topic readwrite hpa-edge/scope/status\n"
+        "topic readwrite hpa-edge/scope/latest\n"
+        "topic readwrite hpa-edge/scope/errors\n"
+        "topic read #\n"
+    )
+    broker = Broker(tmp_path / "broker", extra=f"allow_anonymous true\nacl_file {acl}\n").start()
+    subscriber = Subscriber(broker.port)
+    try:
+        config = config_for(tmp_path, broker.port)
+        with running(config, demo_bundle) as agent:
+            drop(stack_files(real_dir, 21), config.watch.folder, "denied")
+            assert subscriber.wait_for(lambda: agent.publisher is not None and agent.publisher.rejected == 1)
+            time.sleep(1.0)  # long enough for a retry storm to show
+            assert agent.publisher is not None
+            assert agent.publisher.rejected == 1
+            assert agent.publisher.sent == 0
+        assert outbox_depth(config.state.database) == {"pending": 0, "rejected": 1}
+        assert not subscriber.on("results")
+        assert not subscriber.on("latest")  # latest carries only results the broker took
+        denied = re.findall(
+            r"Denied PUBLISH from hpa-edge-scope \(d\d, q1, r0, (m\d+), 'hpa-edge/scope/results'",
+            broker.log.read_text(),
+        )
+        assert len(set(denied)) == 1  # one attempt, no retries
+    finally:
+        subscriber.close()
+        broker.stop()
+
+
+def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, real_dir):
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd not installed")
+    passwords = tmp_path / "passwords"
+    subprocess.run([tool, "-b", "-c", str(passwords), "agent", "s3cret"], check=True)
+    subprocess.run([tool, "-b", str(passwords), "reader", "r"], check=True)
+    broker = Broker(tmp_path / "broker", extra=f"allow_anonymous false\npassword_file {passwords}\n").start()
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[Any] = []
+    reader = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    reader.username_pw_set("reader", "r")
+    reader.on_connect = lambda c, u, f, r, p: c.subscribe("hpa-edge/#", qos=1)
+    reader.on_message = lambda c, u, m: got.append(m.topic)
+    reader.connect("127.0.0.1", broker.port)
+    reader.loop_start()
+    try:
+        secret = tmp_path / "mqtt-password"
+        secret.write_text("s3cret\n")
+        config = config_for(
+            tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
+        )
+        with running(config, demo_bundle):
+            drop(stack_files(real_dir, 22), config.watch.folder, "authed")
+            deadline = time.monotonic() + 20
+            while "hpa-edge/scope/results" not in got and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "hpa-edge/scope/results" in got
+    finally:
+        reader.disconnect()
+        reader.loop_stop()
+        broker.stop()
+
+
+def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
+    tmp_path, demo_bundle, real_dir, capsys
+):
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd not installed")
+    passwords = tmp_path / "passwords"
+    subprocess.run([tool, "-b", "-c", str(passwords), "agent", "right"], check=True)
+    broker = Broker(tmp_path / "broker", extra=f"allow_anonymous false\npassword_file {passwords}\n").start()
+    try:
+        secret = tmp_path / "mqtt-password"
+        secret.write_text("wrong")
+        config = config_for(
+            tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
+        )
+        with running(config, demo_bundle) as agent:
+            drop(stack_files(real_dir, 23), config.watch.folder, "kept")
+            time.sleep(2.5)
+            assert agent.counts["processed"] == 1  # the pipeline goes on; the result waits on disk
+        log = capsys.readouterr().out
+        refusals = log.count("event=mqtt_refused")
+        assert 2 <= refusals <= 6, log  # backoff 0.2 s doubling to 1 s over 2.5 s: a handful, not a storm
+        assert "Bad user name or password" in log or "Not authorized" in log
+        assert outbox_depth(config.state.database)["pending"] == 1
+    finally:
+        broker.stop()
+
+
+def test_status_is_retained_online_while_running(tmp_path, broker, demo_bundle):
+    config = config_for(tmp_path, broker.port)
+    with running(config, demo_bundle):
+        late = Subscriber(broker.port, "hpa-edge/scope/status")  # joins after the agent connected
+        try:
+            assert late.wait_for(lambda: len(late.messages) == 1)
+            assert late.messages[0].payload == b"online"
+            assert late.messages[0].retain
+        finally:
+            late.close()
+
+
+def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle, real_dir):
+    config = config_for(tmp_path, broker.port, {"mqtt": {"stats_interval": 0.5}})
+    with running(config, demo_bundle):
+        drop(stack_files(real_dir, 24), config.watch.folder, "counted")
+        assert subscriber.wait_for(
+            lambda: any(json.loads(m.payload)["processed"] == 1 for m in subscriber.on("stats"))
+        )
+    stats = [json.loads(m.payload) for m in subscriber.on("stats")]
+    for document in stats:
+        jsonschema.validate(document, {"$defs": SCHEMA["$defs"], "$ref": "#/$defs/stats"})
+    last = next(s for s in stats if s["processed"] == 1)
+    assert last["latency_p50_ms"] > 0
+    assert last["purpose"] == "demo"
