@@ -156,7 +156,7 @@ def test_a_client_certificate_needs_its_key(tmp_path: Path) -> None:
     cert = tmp_path / "client.pem"
     cert.write_text("x")
     text = f"[mqtt]\ntls = true\ncert_file = '{cert}'\n"
-    with pytest.raises(ConfigError, match="needs both mqtt.cert_file and mqtt.key_file"):
+    with pytest.raises(ConfigError, match=r"needs both mqtt\.cert_file and mqtt\.key_file"):
         load_config(write(tmp_path, text), environ={})
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from agent import files
 from agent.files import move_file, write_json
 
 
@@ -42,14 +42,14 @@ def test_a_copy_that_does_not_match_keeps_the_source(tmp_path: Path, monkeypatch
     def cross_device(src: object, dst: object) -> None:
         raise OSError(errno.EXDEV, "cross-device link")
 
-    real_copy = files.shutil.copyfileobj
+    real_copy = shutil.copyfileobj
 
-    def corrupting_copy(src, dst, length):  # type: ignore[no-untyped-def]
+    def corrupting_copy(src, dst, length):
         real_copy(src, dst, length)
         dst.write(b"!")  # a bad write on the way
 
-    monkeypatch.setattr(files.os, "rename", cross_device)
-    monkeypatch.setattr(files.shutil, "copyfileobj", corrupting_copy)
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(shutil, "copyfileobj", corrupting_copy)
     with pytest.raises(OSError, match="does not match"):
         move_file(source, tmp_path / "done")
     assert source.read_bytes() == b"pixels"
