@@ -24,7 +24,9 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
 # Decode failures are reported as StackError naming the file; OpenCV's own stderr chatter
 # about the same failure would only add unstructured lines to the journal.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+# (OpenCV < 4.11, as in the agent-legacy install, lacks cv2.utils.logging: keep its chatter.)
+if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_LE, _TIFF_BE = b"II*\x00", b"MM\x00*"
