@@ -87,7 +87,8 @@ def test_sigterm_finishes_publishes_offline_and_exits_zero(tmp_path, broker, sub
     late = Subscriber(broker.port, "hpa-edge/scope/status")
     try:
         assert late.wait_for(lambda: len(late.messages) == 1)
-        assert late.messages[0].payload == b"offline" and late.messages[0].retain
+        assert late.messages[0].payload == b"offline"
+        assert late.messages[0].retain
     finally:
         late.close()
 
@@ -112,7 +113,8 @@ def test_a_bundle_with_a_changed_byte_stops_the_agent_at_start_with_the_reason(t
         assert process.wait(30) == 1
     lines.thread.join(5)
     failed = [parse_line(line) for line in lines.lines if "event=start_failed" in line]
-    assert failed and "classifiers.onnx: sha256" in failed[0]["reason"]
+    assert failed
+    assert "classifiers.onnx: sha256" in failed[0]["reason"]
 
 
 def test_a_missing_acquisition_folder_stops_the_agent_at_start(tmp_path, broker):
@@ -179,7 +181,8 @@ def test_predict_refuses_a_missing_bundle(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "bundle folder does not exist" in done.stderr
+    assert done.returncode == 2
+    assert "bundle folder does not exist" in done.stderr
 
 
 def test_listen_prints_results_as_a_table(tmp_path, broker, real_dir):
@@ -204,4 +207,7 @@ def test_listen_prints_results_as_a_table(tmp_path, broker, real_dir):
             listener.kill()
     assert listener.returncode == 0, err
     row = next(line for line in out.splitlines() if " shown " in line)
-    assert "scope" in row and "[demo]" in row and "| top " in row and " ms" in row
+    assert "scope" in row
+    assert "[demo]" in row
+    assert "| top " in row
+    assert " ms" in row

@@ -70,7 +70,8 @@ def test_the_legacy_environment_has_tflite_runtime_numpy_1_and_no_litert(legacy_
     version, runtime, no_litert, no_tf = out.stdout.split()
     assert version.startswith("1.")
     assert runtime == "tflite_runtime.interpreter"
-    assert no_litert == "True" and no_tf == "True"
+    assert no_litert == "True"
+    assert no_tf == "True"
 
 
 def test_the_legacy_runtime_accepts_the_demo_bundle_golden_vectors(legacy_python: Path) -> None:
@@ -91,7 +92,8 @@ def test_a_float32_bundle_gives_the_same_labels_on_the_real_stacks_as_litert(
     assert export(export_args(model=small_model, data=synthetic_set, out=bundle, quantization="float32")) == 0
     legacy = predict(legacy_python, bundle, real_dir / "stacks")
     current = predict(Path(sys.executable), bundle, real_dir / "stacks")
-    assert len(current) == 101 and legacy.keys() == current.keys()
+    assert len(current) == 101
+    assert legacy.keys() == current.keys()
     assert all(legacy[s]["labels"] == current[s]["labels"] for s in current)
     worst = max(
         abs(float(legacy[s]["scores"][k]) - float(current[s]["scores"][k]))  # type: ignore[index]
