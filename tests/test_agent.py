@@ -231,3 +231,39 @@ def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
         assert outbox.depth() == {"pending": 0, "rejected": 0}
     finally:
         outbox.close()
+
+
+def test_after_delete_removes_processed_files(tmp_path, broker, subscriber, demo_bundle, real_dir):
+    config = config_for(tmp_path, broker.port, {"files": {"after": "delete"}})
+    with running(config, demo_bundle):
+        drop(stack_files(real_dir, 40), config.watch.folder, "gone")
+        assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
+        assert subscriber.wait_for(lambda: not any(config.watch.folder.glob("gone_*")))
+    assert not any(config.folder("done").iterdir())
+
+
+def test_after_leave_keeps_files_in_place_and_does_not_process_them_again(
+    tmp_path, broker, subscriber, demo_bundle, real_dir
+):
+    config = config_for(tmp_path, broker.port, {"files": {"after": "leave"}})
+    with running(config, demo_bundle) as agent:
+        drop(stack_files(real_dir, 41), config.watch.folder, "kept")
+        assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
+        time.sleep(1.5)  # several looks and settle periods
+        assert agent.counts == {"processed": 1, "failed": 0, "quarantined": 0, "duplicates": 0}
+    assert len(list(config.watch.folder.glob("kept_*"))) == 4
+
+
+def test_a_symlinked_channel_is_refused_and_its_target_untouched(tmp_path, broker, subscriber, demo_bundle, real_dir):
+    config = config_for(tmp_path, broker.port)
+    files = stack_files(real_dir, 42)
+    outside = tmp_path / "outside_yellow.png"
+    shutil.copyfile(files["yellow"], outside)
+    with running(config, demo_bundle):
+        drop(files, config.watch.folder, "link", order=("red", "green", "blue"))
+        (config.watch.folder / "link_yellow.png").symlink_to(outside)
+        assert subscriber.wait_for(lambda: len(subscriber.on("errors")) == 1)
+    error = validate(subscriber.on("errors")[0].payload, "error")
+    assert error["code"] == "symlink"
+    assert (config.folder("failed") / "link_yellow.png").is_symlink()
+    assert outside.read_bytes() == files["yellow"].read_bytes()
