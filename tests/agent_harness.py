@@ -87,6 +87,16 @@ def running(config: Config, bundle: Bundle) -> Iterator[Agent]:
         agent.close(flush_seconds=2.0)
     assert not thread.is_alive(), "agent loop did not stop"
     assert not failure, f"agent loop failed: {failure[0]!r}"
+    assert not agent_threads(), f"threads left running: {agent_threads()}"
+
+
+def agent_threads() -> list[str]:
+    """The agent's own threads still alive: the publisher and watchdog's observer threads."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name == "mqtt-publisher" or type(t).__module__.startswith("watchdog")
+    ]
 
 
 def stack_files(real_dir: Path, index: int = 0) -> dict[str, Path]:

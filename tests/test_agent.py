@@ -254,7 +254,9 @@ def test_after_leave_keeps_files_in_place_and_does_not_process_them_again(
     assert len(list(config.watch.folder.glob("kept_*"))) == 4
 
 
-def test_a_symlinked_channel_is_refused_and_its_target_untouched(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_a_symlinked_channel_is_refused_and_its_target_untouched(
+    tmp_path, broker, subscriber, demo_bundle, real_dir
+):
     config = config_for(tmp_path, broker.port)
     files = stack_files(real_dir, 42)
     outside = tmp_path / "outside_yellow.png"

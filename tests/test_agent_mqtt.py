@@ -159,3 +159,74 @@ def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle
     last = next(s for s in stats if s["processed"] == 1)
     assert last["latency_p50_ms"] > 0
     assert last["purpose"] == "demo"
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for localhost and a client certificate."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=hpa-edge test CA")  # fmt: skip
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={'localhost' if name == 'server' else 'hpa-edge-scope'}")  # fmt: skip
+        extra = ["-extfile", "server.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
+    return {
+        name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    }
+
+
+def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, real_dir):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    certs = make_certificates(tmp_path / "certs")
+    from tests.broker import free_port
+
+    tls_port = free_port()
+    extra = (
+        "allow_anonymous true\n"
+        f"listener {tls_port} 127.0.0.1\n"
+        f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\nkeyfile {certs['server.key']}\n"
+        "require_certificate true\n"
+    )
+    broker = Broker(tmp_path / "broker", extra=extra).start()
+    subscriber = Subscriber(broker.port)  # on the plain listener
+    try:
+        tls = {"tls": True, "ca_file": str(certs["ca.pem"]), "cert_file": str(certs["client.pem"]),
+               "key_file": str(certs["client.key"])}  # fmt: skip
+        config = config_for(tmp_path, tls_port, {"mqtt": tls})
+        with running(config, demo_bundle):
+            drop(stack_files(real_dir, 25), config.watch.folder, "secure")
+            assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
+        assert "New client connected" in broker.log.read_text()
+    finally:
+        subscriber.close()
+        broker.stop()
+
+
+def test_a_broker_that_goes_away_and_comes_back_gets_the_backlog(
+    tmp_path, broker, subscriber, demo_bundle, real_dir
+):
+    from tests.broker import Proxy
+
+    proxy = Proxy(broker.port).start()
+    config = config_for(tmp_path, proxy.port)
+    with running(config, demo_bundle) as agent:
+        drop(stack_files(real_dir, 26), config.watch.folder, "before")
+        assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
+        proxy.stop()  # the broker is gone for the agent
+        for i in range(3):
+            drop(stack_files(real_dir, 27 + i), config.watch.folder, f"during{i}")
+        assert subscriber.wait_for(lambda: agent.counts["processed"] == 4)
+        assert len(subscriber.on("results")) == 1
+        proxy.start()
+        assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 4, timeout=30)
+    proxy.stop()
+    stacks = [json.loads(m.payload)["stack_id"] for m in subscriber.on("results")]
+    assert stacks == ["before", "during0", "during1", "during2"]
