@@ -204,10 +204,8 @@ class Proxy:
         """Close the listener and every forwarded connection (the broker "goes away")."""
         self.frozen.clear()
         if self._listener is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the other thread
-            except OSError:
-                pass
             self._listener.close()
             self._listener = None
         with self._lock:
