@@ -52,6 +52,7 @@ class Publisher(threading.Thread):
         self._next_stats = time.monotonic() + self.mqtt.stats_interval
         self._password = config.password()
         self.failure: BaseException | None = None
+        self.beat = time.monotonic()  # last turn of this thread's loop, for the systemd watchdog
 
     # Called from other threads ------------------------------------------------------------
     def kick(self) -> None:
@@ -71,6 +72,7 @@ class Publisher(threading.Thread):
         try:
             self._outbox = Outbox(self.config.state.database)
             while True:
+                self.beat = time.monotonic()
                 if self._stop_request.is_set() and self._drained_or_late():
                     break
                 if self._client is None:

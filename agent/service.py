@@ -26,6 +26,7 @@ from agent.config import Config
 from agent.errors import StackError
 from agent.files import move_file, write_json
 from agent.labels import CHANNELS
+from agent.notify import Notifier, Watchdog
 from agent.pipeline import Outcome, Pipeline
 from agent.publisher import Publisher
 from agent.state import Ledger, StateError
@@ -46,6 +47,7 @@ class Agent:
         bundle: Bundle | None = None,
         lister: Callable[[Path], Mapping[str, Entry]] = list_folder,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.folder = config.watch.folder
@@ -64,6 +66,9 @@ class Agent:
         self.ledger: Ledger | None = None
         self.publisher: Publisher | None = None
         self.watcher: Watcher | None = None
+        self.notifier = notifier or Notifier()
+        self.watchdog: Watchdog | None = None
+        self.heartbeat = time.monotonic()  # last turn of the loop: the systemd watchdog's sign of progress
 
     # Start and stop ---------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +111,10 @@ class Agent:
             runtime=bundle.embedder.runtime,
             topics=self.config.topic_prefix + "/#",
         )
+        self.notifier.ready(self.status_line())
+        if self.notifier.watchdog_interval is not None:
+            self.watchdog = Watchdog(self.notifier, self.healthy, self.status_line)
+            self.watchdog.start()
         if bundle.purpose == "demo":
             log.event(
                 "demo_bundle",
@@ -119,6 +128,9 @@ class Agent:
             self.watcher.wake.set()
 
     def close(self, flush_seconds: float | None = None) -> None:
+        self.notifier.stopping()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.publisher is not None:
@@ -137,14 +149,17 @@ class Agent:
     def run(self) -> None:
         """Look, act, wait for an event or the next look; until request_stop()."""
         assert self.watcher is not None
+        # With a systemd watchdog the loop turns at least every interval/4 even when idle.
+        interval = self.notifier.watchdog_interval
+        longest = interval / 4 if interval else float("inf")
         while not self.stop_event.is_set():
+            self.heartbeat = time.monotonic()
             if self.step():
                 continue  # a full batch: more may be ready, look again at once
             # Every look is a full listing; events only bring the next one forward.
             polling = self.watcher.mode == "polling" or self.waiting
-            self.watcher.wake.wait(
-                self.config.watch.poll_interval if polling else self.config.watch.rescan_interval
-            )
+            wait = self.config.watch.poll_interval if polling else self.config.watch.rescan_interval
+            self.watcher.wake.wait(min(wait, longest))
             self.watcher.wake.clear()
             if self.publisher is not None and self.publisher.failure is not None:
                 raise RuntimeError(f"publisher thread failed: {self.publisher.failure!r}")
@@ -272,6 +287,25 @@ class Agent:
             listing = self.lister(self.folder)
             self._left.update({name: listing[name] for name in names if name in listing})
         self.tracker.forget(names)
+
+    # Health -----------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """Both working threads turned recently: what keeps the systemd watchdog fed."""
+        interval = self.notifier.watchdog_interval or float("inf")
+        now = time.monotonic()
+        loop_ok = now - self.heartbeat < interval / 2
+        publisher_ok = self.publisher is None or (
+            self.publisher.is_alive() and now - self.publisher.beat < interval / 2
+        )
+        return loop_ok and publisher_ok
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`."""
+        mqtt = "connected" if self.publisher is not None and self.publisher.connected else "not connected"
+        return (
+            f"processed {self.counts['processed']}, failed {self.counts['failed']}, "
+            f"quarantined {self.counts['quarantined']}, waiting {self.waiting}; MQTT {mqtt}"
+        )
 
     # Stats ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
