@@ -134,7 +134,10 @@ def test_install_and_uninstall_into_a_temporary_root(tmp_path: Path) -> None:
 
     # the device environment: the agent extra and nothing of the workstation
     python = root / "opt" / "hpa-edge" / "venv" / "bin" / "python"
-    probe = "import importlib.util as u; print([m for m in ('tensorflow', 'sklearn', 'torch', 'keras') if u.find_spec(m)])"
+    probe = (
+        "import importlib.util as u;"
+        "print([m for m in ('tensorflow', 'sklearn', 'torch', 'keras') if u.find_spec(m)])"
+    )
     assert (
         subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
         == "[]"
