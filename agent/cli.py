@@ -38,6 +38,9 @@ COMMANDS: dict[str, Command] = {
         "agent.predict", "classify stack files once and print JSON results (no broker)", "agent"
     ),
     "listen": Command("agent.listen", "print results arriving from devices over MQTT, as a table", "agent"),
+    "demo": Command(
+        "agent.demo", "the device side end to end on synthetic stacks (broker, agent, results)", "agent"
+    ),
     "run": Command(
         "agent.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
     ),
