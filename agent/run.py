@@ -56,19 +56,20 @@ def run(args: argparse.Namespace) -> int:
 
     log.setup(config.log_level)
     agent = Agent(config)
+
+    def on_signal(number: int, frame: FrameType | None) -> None:
+        log.event("stop_requested", signal=signal.Signals(number).name)
+        agent.request_stop()
+
+    # Before start-up, so a signal during it stops the agent cleanly instead of killing it.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         agent.start()
     except StartError as exc:
         log.event("start_failed", "error", reason=str(exc))
         agent.close(flush_seconds=0)
         return 1
-
-    def on_signal(number: int, frame: FrameType | None) -> None:
-        log.event("stop_requested", signal=signal.Signals(number).name)
-        agent.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         agent.run()
     except Exception as exc:
