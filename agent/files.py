@@ -1,8 +1,10 @@
 """Moving a stack's files out of the acquisition folder without ever losing one.
 
-A move within one file system is a rename. Across file systems (the acquisition folder on a
-network share, `done/` on the local disk) it is copy to a temporary name, fsync, compare the
-sha256 of both copies, rename into place, fsync the folder, and only then delete the source.
+A move within one file system is a rename, with no sync: if a power cut undoes it, the file
+is back in the acquisition folder and the ledger recognises it. Across file systems (the
+acquisition folder on a network share, `done/` on the local disk) it is copy to a temporary
+name, fsync, compare the sha256 of both copies, rename into place, fsync the folder, and only
+then delete the source.
 A name already taken in the target keeps both: identical contents replace nothing and just
 drop the source; different contents get a numbered name (`x_red.1.png`).
 """
@@ -33,8 +35,8 @@ def move_file(source: Path, folder: Path) -> Path:
         if exc.errno != errno.EXDEV:
             raise
         _copy_verified(source, target)
+        _fsync_folder(folder)  # the copy is durable before the original goes
         source.unlink()
-    _fsync_folder(folder)
     return target
 
 

@@ -3,7 +3,9 @@
 decode (stack.py) -> preprocess (preprocess.py) -> embed (TFLite) -> classify (ONNX) ->
 thresholds (bundle.py) -> the result document (messages.py). Nothing here writes to disk or
 the network: `analyse` returns an `Outcome` that the service records and then acts on, so
-the same code serves the agent, `hpa-edge predict` and the benchmark.
+the same code serves the agent, `hpa-edge predict` and the benchmark. `prepare` (decode and
+preprocess: OpenCV and numpy, which release the GIL) and `infer` are separate so the agent
+can decode the next stack on one core while the models run on the other.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from agent.digest import file_sha256
 from agent.errors import StackError
 from agent.image import Limits
 from agent.preprocess import Preprocessing, preprocess
-from agent.stack import read_stack
+from agent.stack import Stack, read_stack
 from agent.state import Message, Record, files_digest
 
 
@@ -47,6 +49,17 @@ class Outcome:
         return Record(self.stack_id, self.files_sha256, self.outcome, self.msg_id, (message,))
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded, preprocessed stack waiting for the models."""
+
+    stack: Stack
+    image: np.ndarray
+    started: float
+    decoded: float
+    prepared: float
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, instrument: str, limits: Limits = Limits(), bits: int = 0) -> None:
         self.bundle = bundle
@@ -60,6 +73,11 @@ class Pipeline:
 
     def analyse(self, stack_id: str, paths: Mapping[str, Path]) -> Outcome:
         """Read and classify one complete stack; any StackError becomes a `failed` outcome."""
+        ready = self.prepare(stack_id, paths)
+        return ready if isinstance(ready, Outcome) else self.infer(ready)
+
+    def prepare(self, stack_id: str, paths: Mapping[str, Path]) -> Prepared | Outcome:
+        """Decode and preprocess; a file that cannot be read gives the `failed` outcome."""
         started = time.perf_counter()
         try:
             for path in paths.values():
@@ -70,10 +88,15 @@ class Pipeline:
             stack = read_stack(stack_id, paths, self.limits)
             decoded = time.perf_counter()
             image = preprocess(stack.channels, self.preprocessing)
-            prepared = time.perf_counter()
         except StackError as exc:
             return self.failure(stack_id, paths, exc, "failed", started)
-        embedding = self.bundle.embedder(image[None])
+        return Prepared(stack, image, started, decoded, time.perf_counter())
+
+    def infer(self, ready: Prepared) -> Outcome:
+        """Embed, classify, apply the thresholds and write the result document."""
+        stack, started, decoded, prepared = ready.stack, ready.started, ready.decoded, ready.prepared
+        stack_id = stack.stack_id
+        embedding = self.bundle.embedder(ready.image[None])
         embedded = time.perf_counter()
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from agent.errors import StackError
 from agent.files import move_file, write_json
 from agent.labels import CHANNELS
 from agent.notify import Notifier, Watchdog
-from agent.pipeline import Outcome, Pipeline
+from agent.pipeline import Outcome, Pipeline, Prepared
 from agent.publisher import Publisher
 from agent.state import Ledger, StateError
 from agent.tracker import Entry, Tracker
@@ -68,6 +69,7 @@ class Agent:
         self.watcher: Watcher | None = None
         self.notifier = notifier or Notifier()
         self.watchdog: Watchdog | None = None
+        self.decoder: ThreadPoolExecutor | None = None  # decodes the next stacks while the models run
         self.heartbeat = time.monotonic()  # last turn of the loop: the systemd watchdog's sign of progress
 
     # Start and stop ---------------------------------------------------------------------
@@ -91,6 +93,7 @@ class Agent:
             except BundleError as exc:
                 raise StartError(f"bundle refused: {exc}") from None
         self.pipeline = Pipeline(bundle, self.instrument, self.config.limits(), self.config.stack.bits)
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         try:
             self.ledger = Ledger(self.config.state.database)
         except StateError as exc:
@@ -137,6 +140,8 @@ class Agent:
             self.publisher.shutdown(flush_seconds)
         if self.ledger is not None:
             self.ledger.close()
+        if self.decoder is not None:
+            self.decoder.shutdown(wait=True)
         log.event(
             "agent_stopped",
             processed=self.counts["processed"],
@@ -184,8 +189,10 @@ class Agent:
         self.waiting = look.waiting + len(look.ready)
         outcomes = [self._quarantine(stack_id, names) for stack_id, names in look.overdue.items()]
         ready = sorted(look.ready.items())[: self.config.state.batch]
-        for stack_id, names in ready:
-            outcomes.append(self._analyse(stack_id, names))
+        assert self.decoder is not None
+        # Decoding runs ahead in its own thread; the models run here, in order.
+        for item in self.decoder.map(lambda pair: self._prepare(*pair), ready):
+            outcomes.append(self._infer(item) if isinstance(item, Prepared) else item)
         if not outcomes:
             return False
         self._commit_and_dispose(outcomes)
@@ -194,13 +201,21 @@ class Agent:
     def _paths(self, names: Mapping[str, str]) -> dict[str, Path]:
         return {channel: self.folder / name for channel, name in names.items()}
 
-    def _analyse(self, stack_id: str, names: Mapping[str, str]) -> Outcome:
+    def _prepare(self, stack_id: str, names: Mapping[str, str]) -> Prepared | Outcome:
         assert self.pipeline is not None
         try:
-            return self.pipeline.analyse(stack_id, self._paths(names))
+            return self.pipeline.prepare(stack_id, self._paths(names))
+        except Exception as exc:  # one stack must not stop the agent, whatever it holds
+            error = StackError("decode_failed", f"reading failed unexpectedly: {exc!r}")
+            return self.pipeline.failure(stack_id, self._paths(names), error, "failed")
+
+    def _infer(self, ready: Prepared) -> Outcome:
+        assert self.pipeline is not None
+        try:
+            return self.pipeline.infer(ready)
         except Exception as exc:  # a model or runtime failure on one stack must not stop the agent
             error = StackError("inference_failed", f"analysis failed: {exc!r}")
-            return self.pipeline.failure(stack_id, self._paths(names), error, "failed")
+            return self.pipeline.failure(ready.stack.stack_id, ready.stack.paths, error, "failed")
 
     def _quarantine(self, stack_id: str, names: Mapping[str, str]) -> Outcome:
         assert self.pipeline is not None

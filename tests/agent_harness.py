@@ -95,7 +95,9 @@ def agent_threads() -> list[str]:
     return [
         t.name
         for t in threading.enumerate()
-        if t.name == "mqtt-publisher" or type(t).__module__.startswith("watchdog")
+        if t.name in ("mqtt-publisher", "systemd-watchdog")
+        or t.name.startswith("decode")
+        or type(t).__module__.startswith("watchdog")
     ]
 
 
