@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command] = {
         "agent.predict", "classify stack files once and print JSON results (no broker)", "agent"
     ),
     "listen": Command("agent.listen", "print results arriving from devices over MQTT, as a table", "agent"),
+    "bench": Command("agent.bench", "latency and throughput of the device pipeline on this machine", "agent"),
     "demo": Command(
         "agent.demo", "the device side end to end on synthetic stacks (broker, agent, results)", "agent"
     ),

@@ -1,0 +1,520 @@
+"""`hpa-edge bench --bundle DIR`: how fast the device pipeline is on this machine, per stage.
+
+Modelled on TFLite's benchmark_model and ONNX Runtime's perf_test: initialisation (bundle
+load with its golden check) and the first inference reported apart, warm-up runs excluded,
+then per stage (decode, preprocess, embed, classify, commit to the outbox, end to end) min,
+max, mean, std, p50, p90, p95, p99; throughput; peak RSS; threads; runtime versions; the
+bundle's hash; the machine (CPU, cores, architecture; on a Raspberry Pi the board, governor
+and throttling). A JSON summary (`--json`), one CSV row per iteration (`--csv`), a table here.
+
+Extra measurements: `--broker HOST:PORT` adds the publish round trip (publish to receipt by
+a subscriber); `--compare --model DIR` (workstation, export extra) runs the float reference
+(Keras + scikit-learn, one stack at a time) on the same stacks and prints the ratios;
+`--burst N` drops N stacks at once into a folder watched by the real agent and reports how
+fast it drains; `--startup` times `hpa-edge run` from process start to systemd's READY=1.
+Runs with the device install only (no TensorFlow) unless --compare is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import Bundle, load_bundle
+from agent.naming import NamingScheme
+from agent.pipeline import Pipeline
+from agent.stack import find_stacks
+from agent.state import Ledger
+
+STAGES = ("decode", "preprocess", "embed", "classify", "commit", "end_to_end")
+PERCENTILES = (50, 90, 95, 99)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--stacks", type=Path, help="folder of stacks (Kaggle naming unless --pattern)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="make N synthetic stacks (default 20)")
+    parser.add_argument("--size", type=int, default=512, help="synthetic image side (default 512)")
+    parser.add_argument("--pattern", help="file-name regular expression for --stacks")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--runs", type=int, help="timed iterations (default 200)")
+    length.add_argument("--seconds", type=float, help="time the loop for this long instead")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="embedder threads (default 2)")
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument("--csv", type=Path, help="write one row per iteration here")
+    parser.add_argument("--broker", help="HOST:PORT: also time publish -> receipt by a subscriber")
+    parser.add_argument("--compare", action="store_true", help="also run the float reference (export extra)")
+    parser.add_argument("--model", type=Path, help="with --compare: the model folder from hpa-edge train")
+    parser.add_argument(
+        "--compare-runs", type=int, default=30, help="float reference iterations (default 30)"
+    )
+    parser.add_argument(
+        "--burst", type=int, metavar="N", help="also drop N stacks at once into the real agent"
+    )
+    parser.add_argument("--startup", action="store_true", help="also time hpa-edge run to READY=1")
+
+
+# Pure summaries -------------------------------------------------------------------------
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """min, max, mean, std and percentiles of one stage's timings (ms)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return {}
+    out = {
+        "n": float(data.size),
+        "min": float(data.min()),
+        "max": float(data.max()),
+        "mean": float(data.mean()),
+        "std": float(data.std()),
+    }
+    for q in PERCENTILES:
+        out[f"p{q}"] = float(np.percentile(data, q))
+    return {key: round(value, 4) for key, value in out.items()}
+
+
+def table(stages: Mapping[str, Mapping[str, float]]) -> str:
+    header = f"{'stage (ms)':<14}" + "".join(
+        f"{h:>9}" for h in ("min", "p50", "p90", "p95", "p99", "max", "mean", "std")
+    )
+    lines = [header, "-" * len(header)]
+    for name, s in stages.items():
+        if s:
+            cells = "".join(
+                f"{s[k]:>9.3f}" for k in ("min", "p50", "p90", "p95", "p99", "max", "mean", "std")
+            )
+            lines.append(f"{name:<14}{cells}")
+    return "\n".join(lines)
+
+
+# Facts about the machine and the software -----------------------------------------------
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip("\0\n ")
+    except OSError:
+        return None
+
+
+def machine_facts() -> dict[str, Any]:
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith(("model name", "Model"))
+        ),
+        platform.processor() or "unknown",
+    )
+    facts: dict[str, Any] = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "architecture": platform.machine(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "board": _read("/proc/device-tree/model"),
+        "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+    }
+    if shutil.which("vcgencmd"):
+        done = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True)
+        facts["throttled"] = done.stdout.strip() or done.stderr.strip()
+    return facts
+
+
+def versions(bundle: Bundle) -> dict[str, str]:
+    out = {"embedder_runtime": bundle.embedder.runtime}
+    for name in ("ai-edge-litert", "tflite-runtime", "onnxruntime", "numpy", "opencv-python-headless"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def thread_count() -> int:
+    status = _read("/proc/self/status") or ""
+    found = [line.split()[1] for line in status.splitlines() if line.startswith("Threads:")]
+    return int(found[0]) if found else threading.active_count()
+
+
+# Stacks ---------------------------------------------------------------------------------
+def collect(args: argparse.Namespace, work: Path) -> list[tuple[str, dict[str, Path]]]:
+    if args.stacks is not None:
+        naming = NamingScheme(pattern=args.pattern) if args.pattern else NamingScheme()
+        found = find_stacks(args.stacks, naming)
+    else:
+        n = args.synthetic or 20
+        out = work / "synthetic"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "synth",
+                "--out",
+                str(out),
+                "--n",
+                str(n),
+                "--seed",
+                "2026",
+                "--size",
+                str(args.size),
+                "--quiet",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        found = find_stacks(out)
+    complete = [(sid, paths) for sid, paths in sorted(found.items()) if len(paths) == 4]
+    if not complete:
+        raise SystemExit("bench: no complete stacks found")
+    return complete
+
+
+def cycle(stacks: Sequence[tuple[str, dict[str, Path]]]) -> Iterator[tuple[str, dict[str, Path]]]:
+    while True:
+        yield from stacks
+
+
+# The measurements -----------------------------------------------------------------------
+class RoundTrip:
+    """A publisher and a subscriber on one broker: publish -> receipt, per message."""
+
+    def __init__(self, address: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, _, port = address.rpartition(":")
+        self.topic = f"hpa-edge/bench-{os.getpid()}/results"
+        self.arrived = threading.Event()
+        self.subscribed = threading.Event()
+        self.sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.sub.on_connect = lambda c, u, f, r, p: c.subscribe(self.topic, qos=1)
+        self.sub.on_subscribe = lambda *a: self.subscribed.set()
+        self.sub.on_message = lambda c, u, m: self.arrived.set()
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        for client in (self.sub, self.pub):
+            client.connect(host, int(port), keepalive=30)
+            client.loop_start()
+        if not self.subscribed.wait(10):
+            raise SystemExit(f"bench: no subscription confirmed by {address}")
+
+    def time(self, payload: bytes) -> float:
+        self.arrived.clear()
+        start = time.perf_counter()
+        self.pub.publish(self.topic, payload, qos=1)
+        if not self.arrived.wait(10):
+            raise SystemExit("bench: a message did not come back within 10 s")
+        return (time.perf_counter() - start) * 1e3
+
+    def close(self) -> None:
+        for client in (self.pub, self.sub):
+            client.disconnect()
+            client.loop_stop()
+
+
+def pipeline_loop(
+    args: argparse.Namespace, pipeline: Pipeline, stacks: Sequence[tuple[str, dict[str, Path]]], work: Path
+) -> tuple[list[dict[str, Any]], float]:
+    """Timed iterations of decode -> ... -> commit; returns per-iteration rows and wall seconds."""
+    ledger = Ledger(work / "state.db")
+    trip = RoundTrip(args.broker) if args.broker else None
+    source = cycle(stacks)
+    for _ in range(args.warmup):
+        stack_id, paths = next(source)
+        ledger.record([pipeline.analyse(stack_id, paths).record()])
+    rows: list[dict[str, Any]] = []
+    runs = args.runs or (None if args.seconds else 200)
+    deadline = time.perf_counter() + args.seconds if args.seconds else float("inf")
+    wall = time.perf_counter()
+    while (runs is None or len(rows) < runs) and time.perf_counter() < deadline:
+        stack_id, paths = next(source)
+        start = time.perf_counter()
+        outcome = pipeline.analyse(stack_id, paths)
+        committed = time.perf_counter()
+        ledger.record([outcome.record()])
+        end = time.perf_counter()
+        doc = outcome.document
+        if outcome.outcome != "result":
+            raise SystemExit(f"bench: {stack_id} failed: {doc.get('message')}")
+        row = {"iteration": len(rows), "stack": stack_id}
+        for stage in ("decode", "preprocess", "embed", "classify"):
+            row[stage] = doc[f"{stage}_ms"]
+        row["commit"] = round((end - committed) * 1e3, 4)
+        row["end_to_end"] = round((end - start) * 1e3, 4)
+        if trip is not None:
+            row["publish_rtt"] = round(trip.time(outcome.record().messages[0].payload), 4)
+        rows.append(row)
+    wall = time.perf_counter() - wall
+    ledger.close()
+    if trip is not None:
+        trip.close()
+    return rows, wall
+
+
+def compare(
+    args: argparse.Namespace, pipeline: Pipeline, stacks: Sequence[tuple[str, dict[str, Path]]]
+) -> dict[str, Any]:
+    """The float reference on the same stacks, one at a time (needs the export extra)."""
+    from agent.preprocess import preprocess
+    from agent.stack import read_stack
+
+    if args.model is None:
+        raise SystemExit("bench: --compare needs --model DIR (the folder hpa-edge train wrote)")
+    module = importlib.import_module("export.reference_pipeline")  # workstation only, by name
+    start = time.perf_counter()
+    reference = module.FloatReference(args.model)
+    init_s = time.perf_counter() - start
+    rows = []
+    source = cycle(stacks)
+    for _ in range(args.compare_runs):
+        stack_id, paths = next(source)
+        t0 = time.perf_counter()
+        stack = read_stack(stack_id, paths)
+        t1 = time.perf_counter()
+        image = preprocess(stack.channels, reference.preprocessing)
+        t2 = time.perf_counter()
+        embedding = reference.embed(image)
+        t3 = time.perf_counter()
+        reference.classify(embedding)
+        t4 = time.perf_counter()
+        rows.append(
+            {
+                "decode": (t1 - t0) * 1e3,
+                "preprocess": (t2 - t1) * 1e3,
+                "embed": (t3 - t2) * 1e3,
+                "classify": (t4 - t3) * 1e3,
+                "end_to_end": (t4 - t0) * 1e3,
+            }
+        )
+    return {
+        "init_s": round(init_s, 3),
+        "stages": {
+            s: summarise([r[s] for r in rows])
+            for s in ("decode", "preprocess", "embed", "classify", "end_to_end")
+        },
+    }
+
+
+def burst(
+    args: argparse.Namespace, bundle: Bundle, stacks: Sequence[tuple[str, dict[str, Path]]], work: Path
+) -> dict[str, Any]:
+    """N stacks renamed into a watched folder at once; time until the agent has committed them all."""
+    from agent.config import Config, FilesConfig, MqttConfig, StateConfig, WatchConfig
+    from agent.service import Agent
+
+    incoming, staging = work / "burst" / "incoming", work / "burst" / "staging"
+    incoming.mkdir(parents=True)
+    staging.mkdir(parents=True)
+    names: list[tuple[Path, Path]] = []
+    source = cycle(stacks)
+    for i in range(args.burst):
+        _, paths = next(source)
+        for channel, path in paths.items():
+            staged = staging / f"burst{i:05d}_{channel}{path.suffix}"
+            try:
+                os.link(path, staged)
+            except OSError:
+                shutil.copyfile(path, staged)
+            names.append((staged, incoming / staged.name))
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        mqtt = MqttConfig(host=host, port=int(port), stats_interval=0.0)
+    else:  # nobody listens: results wait in the outbox, as during an outage
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        mqtt = MqttConfig(
+            host="127.0.0.1", port=closed, stats_interval=0.0, reconnect_min=5.0, reconnect_max=30.0
+        )
+    config = Config(
+        instrument="bench",
+        watch=WatchConfig(folder=incoming, settle_seconds=0.5, poll_interval=0.1),
+        files=FilesConfig(),
+        state=StateConfig(database=work / "burst" / "state.db"),
+        mqtt=mqtt,
+    )
+    agent = Agent(config, bundle=bundle)
+    agent.start()
+    loop = threading.Thread(target=agent.run, name="bench-agent")
+    loop.start()
+    try:
+        start = time.perf_counter()
+        for staged, target in names:
+            os.rename(staged, target)
+        dropped = time.perf_counter()
+        while agent.counts["processed"] + agent.counts["failed"] < args.burst:
+            time.sleep(0.01)
+            if time.perf_counter() - start > 600:
+                raise SystemExit("bench: the burst did not drain within 10 minutes")
+        drained = time.perf_counter()
+    finally:
+        agent.request_stop()
+        loop.join(60)
+        agent.close(flush_seconds=0)
+    return {
+        "stacks": args.burst,
+        "drop_s": round(dropped - start, 3),
+        "drain_s": round(drained - start, 3),
+        "stacks_per_s": round(args.burst / (drained - start), 1),
+        "failed": agent.counts["failed"],
+        "latency_ms": summarise(list(agent.latencies)),
+    }
+
+
+def startup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`hpa-edge run` from process start to READY=1 on a notify socket, as systemd sees it."""
+    folder = work / "startup"
+    (folder / "incoming").mkdir(parents=True)
+    config = folder / "agent.toml"
+    config.write_text(
+        f'[watch]\nfolder = "{folder / "incoming"}"\n[bundle]\npath = "{args.bundle.resolve()}"\n'
+        f'threads = {args.threads}\n[state]\ndatabase = "{folder / "state.db"}"\n[mqtt]\nport = 9\n'
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(folder / "notify"))
+    sock.settimeout(30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
+    env["NOTIFY_SOCKET"] = str(folder / "notify")
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        ready = time.perf_counter() - start
+        rss = _read(f"/proc/{process.pid}/status") or ""
+        rss_kb = [int(line.split()[1]) for line in rss.splitlines() if line.startswith("VmRSS:")]
+    finally:
+        process.terminate()
+        process.wait(30)
+        sock.close()
+    return {
+        "start_to_ready_s": round(ready, 3),
+        "rss_at_ready_mb": round(rss_kb[0] / 1024, 1) if rss_kb else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="hpa-edge-bench-") as folder:
+        work = Path(folder)
+        stacks = collect(args, work)
+        start = time.perf_counter()
+        bundle = load_bundle(args.bundle, threads=args.threads)
+        init_s = time.perf_counter() - start
+        pipeline = Pipeline(bundle, "bench")
+        first_id, first_paths = stacks[0]
+        start = time.perf_counter()
+        pipeline.analyse(first_id, first_paths)
+        first_ms = (time.perf_counter() - start) * 1e3
+        rows, wall = pipeline_loop(args, pipeline, stacks, work)
+        stage_names = [*STAGES, *(["publish_rtt"] if args.broker else [])]
+        summary: dict[str, Any] = {
+            "bundle": {
+                "path": str(args.bundle),
+                "id": bundle.id,
+                "sha256": bundle.sha256,
+                "purpose": bundle.purpose,
+                "input_px": bundle.preprocessing.size,
+                "quantization": bundle.manifest["quantization"],
+            },
+            "machine": machine_facts(),
+            "versions": versions(bundle),
+            "threads_setting": args.threads,
+            "stacks_source": str(args.stacks)
+            if args.stacks
+            else f"synthetic {len(stacks)} at {args.size} px",
+            "distinct_stacks": len(stacks),
+            "init_s": round(init_s, 3),
+            "first_inference_ms": round(first_ms, 3),
+            "warmup": args.warmup,
+            "runs": len(rows),
+            "stages_ms": {s: summarise([r[s] for r in rows]) for s in stage_names},
+            "throughput_stacks_per_s": round(len(rows) / wall, 1),
+        }
+        if args.compare:
+            reference = compare(args, pipeline, stacks)
+            ours, theirs = summary["stages_ms"], reference["stages"]
+            reference["ratio_p50"] = {
+                s: round(theirs[s]["p50"] / ours[s]["p50"], 1) for s in ("embed", "classify", "end_to_end")
+            }
+            summary["float_reference"] = reference
+        if args.burst:
+            summary["burst"] = burst(args, bundle, stacks, work)
+        if args.startup:
+            summary["startup"] = startup(args, work)
+        summary["peak_rss_mb"] = peak_rss_mb()
+        summary["threads"] = thread_count()
+    report(summary)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.csv:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+def report(summary: Mapping[str, Any]) -> None:
+    machine, bundle = summary["machine"], summary["bundle"]
+    print(
+        f"bench: {machine['cpu']} ({machine['cores']} cores, {machine['architecture']})"
+        + (f", {machine['board']}" if machine.get("board") else "")
+    )
+    print(
+        f"bundle {bundle['id']} ({bundle['quantization']}, {bundle['input_px']} px, {bundle['purpose']}); "
+        f"runtime {summary['versions']['embedder_runtime']}; {summary['threads_setting']} threads"
+    )
+    print(
+        f"init {summary['init_s']:.3f} s; first inference {summary['first_inference_ms']:.1f} ms; "
+        f"{summary['runs']} runs after {summary['warmup']} warm-up on {summary['stacks_source']}"
+    )
+    print(table(summary["stages_ms"]))
+    print(
+        f"throughput {summary['throughput_stacks_per_s']} stacks/s (one at a time); "
+        f"peak RSS {summary['peak_rss_mb']} MB; threads {summary['threads']}"
+    )
+    if "float_reference" in summary:
+        ref = summary["float_reference"]
+        print(f"float reference (Keras + scikit-learn, one stack at a time; init {ref['init_s']} s):")
+        print(table(ref["stages"]))
+        print(
+            "ratio reference / device at p50: " + ", ".join(f"{k} {v}x" for k, v in ref["ratio_p50"].items())
+        )
+    if "burst" in summary:
+        b = summary["burst"]
+        print(
+            f"burst: {b['stacks']} stacks dropped in {b['drop_s']} s, drained in {b['drain_s']} s: "
+            f"{b['stacks_per_s']} stacks/s ({b['failed']} failed)"
+        )
+    if "startup" in summary:
+        s = summary["startup"]
+        print(f"startup: hpa-edge run to READY=1 in {s['start_to_ready_s']} s, RSS {s['rss_at_ready_mb']} MB")

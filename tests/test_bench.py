@@ -1,0 +1,116 @@
+"""`hpa-edge bench`: the figures it reports are there and consistent (never asserted as speeds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.bench import STAGES, summarise, table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_summarise_gives_the_usual_statistics() -> None:
+    s = summarise([float(v) for v in range(1, 101)])
+    assert (s["min"], s["max"], s["mean"]) == (1.0, 100.0, 50.5)
+    assert s["p50"] == 50.5
+    assert s["p99"] == pytest.approx(99.01)
+    assert s["n"] == 100
+
+
+def test_summarise_of_nothing_is_empty() -> None:
+    assert summarise([]) == {}
+
+
+def test_the_table_has_one_line_per_stage() -> None:
+    text = table({"decode": summarise([1.0, 2.0]), "embed": summarise([3.0])})
+    assert [line.split()[0] for line in text.splitlines()[2:]] == ["decode", "embed"]
+
+
+def bench(tmp_path: Path, *extra: str) -> tuple[dict, list[dict[str, str]], str]:  # type: ignore[type-arg]
+    """Run the bench in a fresh interpreter that fails (9) if it imported the workstation's libraries."""
+    summary, rows = tmp_path / "bench.json", tmp_path / "bench.csv"
+    workstation = "()" if "--compare" in extra else "('tensorflow', 'keras', 'sklearn')"
+    code = (
+        "import sys; from agent.cli import main; rc = main(sys.argv[1:]);"
+        f"bad = [m for m in {workstation} if m in sys.modules];"
+        "sys.exit(rc or (9 if bad else 0))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "bench", "--bundle", str(REPO / "models" / "demo"), "--runs", "15",
+         "--warmup", "2", "--json", str(summary), "--csv", str(rows), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # 9 would mean TensorFlow was imported
+    with rows.open() as handle:
+        return json.loads(summary.read_text()), list(csv.DictReader(handle)), done.stdout
+
+
+@pytest.mark.integration
+def test_bench_on_real_stacks_reports_every_stage_without_tensorflow(tmp_path: Path, real_dir: Path) -> None:
+    summary, rows, out = bench(tmp_path, "--stacks", str(real_dir / "stacks"))
+    assert summary["runs"] == 15
+    assert len(rows) == 15
+    for stage in STAGES:
+        assert set(summary["stages_ms"][stage]) >= {"min", "max", "mean", "std", "p50", "p90", "p95", "p99"}
+    for row in rows:  # the stages happen one after the other inside the end-to-end time
+        parts = sum(float(row[s]) for s in ("decode", "preprocess", "embed", "classify", "commit"))
+        assert float(row["end_to_end"]) >= parts * 0.99
+    assert (
+        summary["bundle"]["sha256"]
+    )
+    assert (
+        summary["versions"]["embedder_runtime"] == "ai_edge_litert.interpreter"
+    )
+    assert summary["machine"]["cores"] >= 1
+    assert summary["peak_rss_mb"] > 0
+    assert summary["threads"] >= 1
+    assert summary["distinct_stacks"] == 101
+    assert "end_to_end" in out
+    assert "throughput" in out
+
+
+@pytest.mark.integration
+def test_bench_burst_startup_and_broker_round_trip(tmp_path: Path, real_dir: Path, broker) -> None:
+    summary, rows, _out = bench(
+        tmp_path, "--stacks", str(real_dir / "stacks"), "--burst", "40", "--startup",
+        "--broker", f"127.0.0.1:{broker.port}",
+    )  # fmt: skip
+    assert summary["burst"]["stacks"] == 40
+    assert summary["burst"]["failed"] == 0
+    assert summary["burst"]["latency_ms"]["n"] == 40
+    assert summary["startup"]["start_to_ready_s"] > 0
+    assert summary["stages_ms"]["publish_rtt"]["n"] == 15
+    assert all(float(row["publish_rtt"]) > 0 for row in rows)
+
+
+@pytest.mark.integration
+def test_bench_on_synthetic_stacks_needs_no_data(tmp_path: Path) -> None:
+    summary, _, _ = bench(tmp_path, "--synthetic", "3", "--size", "256")
+    assert summary["distinct_stacks"] == 3
+    assert summary["stacks_source"] == "synthetic 3 at 256 px"
+
+
+@pytest.mark.integration
+def test_bench_compare_runs_the_float_reference_and_gives_ratios(
+    tmp_path: Path, real_dir: Path, small_model: Path
+) -> None:
+    summary, _, out = bench(
+        tmp_path,
+        "--stacks",
+        str(real_dir / "stacks"),
+        "--compare",
+        "--model",
+        str(small_model),
+        "--compare-runs",
+        "3",
+    )
+    reference = summary["float_reference"]
+    assert reference["stages"]["end_to_end"]["n"] == 3
+    assert set(reference["ratio_p50"]) == {"embed", "classify", "end_to_end"}
+    assert "float reference" in out
