@@ -79,3 +79,9 @@ demo-bundle: $(STAMP)
 # int8 keeps the exact label set of only about 30% of held-out synthetic stacks (macro F1
 # unchanged); the demo states this gate instead of hiding it. Real bundles keep 0.99.
 DEMO_MIN_IDENTICAL ?= 0.2
+
+# The agent's inference on aarch64 under qemu-user against x86 on the real stacks (needs root,
+# downloads a Debian arm64 root and the aarch64 wheels; about 15 minutes the first time).
+.PHONY: arm64-check
+arm64-check: $(STAMP)
+	tests/arm64/check.sh

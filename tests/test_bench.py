@@ -61,12 +61,8 @@ def test_bench_on_real_stacks_reports_every_stage_without_tensorflow(tmp_path: P
     for row in rows:  # the stages happen one after the other inside the end-to-end time
         parts = sum(float(row[s]) for s in ("decode", "preprocess", "embed", "classify", "commit"))
         assert float(row["end_to_end"]) >= parts * 0.99
-    assert (
-        summary["bundle"]["sha256"]
-    )
-    assert (
-        summary["versions"]["embedder_runtime"] == "ai_edge_litert.interpreter"
-    )
+    assert summary["bundle"]["sha256"]
+    assert summary["versions"]["embedder_runtime"] == "ai_edge_litert.interpreter"
     assert summary["machine"]["cores"] >= 1
     assert summary["peak_rss_mb"] > 0
     assert summary["threads"] >= 1
