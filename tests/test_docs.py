@@ -27,7 +27,7 @@ def test_every_configuration_key_is_in_the_operators_reference() -> None:
 
 def test_the_readme_links_the_docs() -> None:
     readme = (REPO / "README.md").read_text()
-    for name in ("operators.md", "dashboards.md", "data-scientists.md"):
+    for name in ("operators.md", "dashboards.md", "data-scientists.md", "benchmark.md"):
         assert f"docs/{name}" in readme
 
 
