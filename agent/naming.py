@@ -78,6 +78,21 @@ class NamingScheme:
             return None
         return ChannelName(stack_id, channel, place["plate"], place["well"], place["site"])
 
+    def unsafe(self, filename: str) -> str | None:
+        """The channel of a file this scheme names but whose stack id is not a plain name
+        (control characters, backslashes, spaces...); None for every other file. Such a file
+        cannot become a stack, and leaving it in the folder would lose it, so the agent moves
+        it aside with an error."""
+        if is_temporary(filename):
+            return None
+        match = self._regex.match(filename)  # type: ignore[attr-defined]
+        if match is None:
+            return None
+        channel = self.channel_map.get(match["channel"], match["channel"].lower())
+        if channel not in CHANNELS or self.parse(filename) is not None:
+            return None
+        return str(channel)
+
     def group(self, filenames: Iterable[str]) -> dict[str, dict[str, str]]:
         """Group file names into {stack_id: {channel: filename}}; non-matching names are skipped.
 

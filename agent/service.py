@@ -11,7 +11,9 @@ the file moves are redone. A stack that cannot be read goes to failed/ with
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -36,6 +38,7 @@ from agent.tracker import Entry, Tracker
 from agent.watcher import Watcher, list_folder
 
 STATE_RETRY_SECONDS = 5.0
+MOVE_RETRY_SECONDS = 10.0  # files that could not be moved are left alone this long
 DECODE_THREADS = 2  # on 2 cores: 110-115 stacks/s in a burst against 96 with one (hpa-edge bench --burst)
 DECODE_AHEAD = 3
 
@@ -65,6 +68,7 @@ class Agent:
         self.waiting = 0
         self.started_at = time.time()
         self._left: dict[str, Entry] = {}  # files.after = "leave": handled files and how they looked
+        self._held: dict[str, float] = {}  # files whose move failed -> when to try again
         self._bundle = bundle
         self.pipeline: Pipeline | None = None
         self.ledger: Ledger | None = None
@@ -188,9 +192,15 @@ class Agent:
                 del listing[name]
             elif name not in listing:
                 del self._left[name]
+        for name, until in list(self._held.items()):
+            if now < until:
+                listing.pop(name, None)
+            else:
+                del self._held[name]
         look = self.tracker.look(listing, now)
         self.waiting = look.waiting + len(look.ready)
         outcomes = [self._quarantine(stack_id, names) for stack_id, names in look.overdue.items()]
+        outcomes += [self._unsafe_name(name, channel) for name, channel in look.unsafe.items()]
         ready = sorted(look.ready.items())[: self.config.state.batch]
         for item in self._decoded(ready):
             outcomes.append(self._infer(item) if isinstance(item, Prepared) else item)
@@ -246,6 +256,17 @@ class Agent:
             self.folder,
         )
         return self.pipeline.failure(stack_id, self._paths(names), error, "quarantine")
+
+    def _unsafe_name(self, name: str, channel: str) -> Outcome:
+        """A channel file whose name cannot give a stack id: moved to failed/ under its own name."""
+        assert self.pipeline is not None
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        error = StackError(
+            "unsafe_name",
+            f"file name {name!r} cannot name a stack (only letters, digits and ._+=@,- are allowed in ids)",
+            self.folder,
+        )
+        return self.pipeline.failure(f"unsafe-{digest}", {channel: self.folder / name}, error, "failed")
 
     def _commit_and_dispose(self, outcomes: list[Outcome]) -> None:
         assert self.ledger is not None
@@ -313,9 +334,15 @@ class Agent:
                     path.unlink(missing_ok=True)
         except OSError as exc:
             log.event(
-                "move_failed", "error", stack=outcome.stack_id, target=target, error=exc.strerror or exc
+                "move_failed",
+                "error",
+                stack=outcome.stack_id,
+                target=target,
+                error=exc.strerror or exc,
+                retry_s=MOVE_RETRY_SECONDS,
             )
-            self.tracker.forget(names)  # seen afresh next look: the ledger then knows it
+            self.tracker.forget(names)  # seen afresh after the pause: the ledger then knows it
+            self._held.update({name: self.clock() + MOVE_RETRY_SECONDS for name in names})
             return
         if after == "leave":
             listing = self.lister(self.folder)

@@ -54,6 +54,7 @@ class Look:
     ready: dict[str, dict[str, str]] = field(default_factory=dict)  # stack id -> channel -> file name
     overdue: dict[str, dict[str, str]] = field(default_factory=dict)
     waiting: int = 0  # stacks seen but not ready yet
+    unsafe: dict[str, str] = field(default_factory=dict)  # written files with an unusable stack id -> channel
 
 
 class Tracker:
@@ -90,6 +91,10 @@ class Tracker:
         self._events.clear()  # events of files no longer listed no longer matter
 
         result = Look()
+        for name, state in self.files.items():
+            channel = self.naming.unsafe(name)
+            if channel is not None and self._written(state, now):
+                result.unsafe[name] = channel
         for stack_id, channels in self.naming.group(self.files).items():
             written = all(self._written(self.files[n], now) for n in channels.values())
             if written and len(channels) == len(CHANNELS):

@@ -38,10 +38,11 @@ def free_port() -> int:
 class Broker:
     """mosquitto with its own config; stop() and start() again on the same port."""
 
-    def __init__(self, folder: Path, extra: str = "", port: int | None = None) -> None:
+    def __init__(self, folder: Path, extra: str = "", port: int | None = None, persist: bool = False) -> None:
         self.folder = folder
         self.port = port or free_port()
         self.extra = extra
+        self.persist = persist  # keep sessions and queued messages across a restart
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "mosquitto.conf"
@@ -50,9 +51,13 @@ class Broker:
     def start(self) -> Broker:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "persistence false\n"
-            f"log_dest file {self.log}\n"
-            "log_type all\n"
+            + (
+                f"persistence true\npersistence_location {self.folder}/\nautosave_interval 1\n"
+                if self.persist
+                else "persistence false\n"
+            )
+            + f"log_dest file {self.log}\n"
+            + "log_type all\n"
             # as root, mosquitto drops to its own user, who cannot read the test's files
             + ("user root\n" if os.geteuid() == 0 else "")
             + (self.extra or "allow_anonymous true\n")
@@ -142,7 +147,7 @@ class Proxy:
     def __init__(self, target_port: int, port: int | None = None) -> None:
         self.target_port = target_port
         self.port = port or free_port()
-        self.frozen = threading.Event()
+        self._links: list[threading.Event] = []  # one "frozen" flag per forwarded connection
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -174,12 +179,14 @@ class Proxy:
                 client.close()
                 continue
             upstream.settimeout(None)
+            frozen = threading.Event()
             with self._lock:
                 self._sockets += [client, upstream]
-            self._spawn(self._pipe, client, upstream)
-            self._spawn(self._pipe, upstream, client)
+                self._links.append(frozen)
+            self._spawn(self._pipe, client, upstream, frozen)
+            self._spawn(self._pipe, upstream, client, frozen)
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, frozen: threading.Event) -> None:
         while True:
             try:
                 data = source.recv(65536)
@@ -187,7 +194,9 @@ class Proxy:
                 return
             if not data:
                 break
-            while self.frozen.is_set():
+            while frozen.is_set():
+                if self._listener is None:
+                    return
                 time.sleep(0.05)  # hold the bytes: the link is open but silent
             try:
                 sink.sendall(data)
@@ -198,11 +207,13 @@ class Proxy:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def freeze(self) -> None:
-        self.frozen.set()
+        """The connections open now go silent (no bytes either way) but stay open; new ones work."""
+        with self._lock:
+            for frozen in self._links:
+                frozen.set()
 
     def stop(self) -> None:
         """Close the listener and every forwarded connection (the broker "goes away")."""
-        self.frozen.clear()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the other thread

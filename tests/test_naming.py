@@ -74,3 +74,12 @@ def test_temporary_names() -> None:
     assert is_temporary(".hidden.png")
     assert is_temporary("x_red.png.part")
     assert not is_temporary("x_red.png")
+
+
+def test_a_channel_file_with_an_unusable_stack_id_is_recognised_as_unsafe() -> None:
+    scheme = NamingScheme()
+    assert scheme.unsafe("bell\x07_red.png") == "red"
+    assert scheme.unsafe("back\\slash_green.png") == "green"
+    assert scheme.unsafe("fine_red.png") is None  # a proper stack file
+    assert scheme.unsafe("notes.txt") is None  # not a channel file at all
+    assert scheme.unsafe(".hidden\x07_red.png") is None  # temporaries stay ignored

@@ -172,3 +172,10 @@ def test_two_stacks_are_tracked_independently() -> None:
 def test_an_unknown_event_kind_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown event kind"):
         tracker().note("s_red.png", "opened", 0.0)
+
+
+def test_a_written_file_with_an_unusable_id_is_reported_once_settled() -> None:
+    t = tracker()
+    files = {"bad\x07id_red.png": Entry(10, 1)}
+    assert not t.look(files, 0.0).unsafe
+    assert t.look(files, SETTLE).unsafe == {"bad\x07id_red.png": "red"}
