@@ -26,7 +26,7 @@ import numpy as np
 
 from agent import log, messages
 from agent.bundle import Bundle, load_bundle
-from agent.config import Config
+from agent.config import Config, is_set
 from agent.errors import StackError
 from agent.files import move_file, write_json
 from agent.labels import CHANNELS
@@ -86,6 +86,15 @@ class Agent:
 
         if not self.folder.is_dir():
             raise StartError(f"watch.folder {self.folder} does not exist or is not a folder")
+        secret = self.config.mqtt.password_file
+        if is_set(secret) and secret.stat().st_mode & 0o077:
+            log.event(
+                "password_file_readable",
+                "warning",
+                path=secret,
+                mode=oct(secret.stat().st_mode & 0o777),
+                advice="chmod 600 and owned by the agent's user",
+            )
         for name in ("done", "failed", "quarantine"):
             try:
                 self.config.folder(name).mkdir(parents=True, exist_ok=True)

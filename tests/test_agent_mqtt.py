@@ -129,6 +129,7 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
         refusals = log.count("event=mqtt_refused")
         assert 2 <= refusals <= 6, log  # backoff 0.2 s doubling to 1 s over 2.5 s: a handful, not a storm
         assert "Bad user name or password" in log or "Not authorized" in log
+        assert "event=password_file_readable" in log  # written with the default mode 0644 above
         assert outbox_depth(config.state.database)["pending"] == 1
     finally:
         broker.stop()
