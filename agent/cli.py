@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
     "export": Command("export.make_bundle", "turn a trained model into a verified model bundle", "export"),
+    "quant-probe": Command(
+        "export.quant_probe", "how a backbone survives each TFLite quantization, on real stacks", "export"
+    ),
     "verify": Command("agent.verify", "check a model bundle with the device runtimes", "agent"),
     "predict": Command(
         "agent.predict", "classify stack files once and print JSON results (no broker)", "agent"

@@ -6,7 +6,8 @@
    within 1e-5, identical labels) on float embeddings.
 3. Fidelity on held-out stacks: the exported pipeline (LiteRT + ONNX Runtime) against the float
    reference (Keras + scikit-learn). When identical label sets fall below the gate, export
-   fails, or with --fallback-float16 redoes the backbone in float16 and says so.
+   fails, or with --fallback float16,float32 redoes the backbone in the next precision and
+   says so.
 4. Write the bundle: the two models, golden vectors, `manifest.json` (hashes of every file),
    `fidelity.json`; then load it with the device code (`agent.bundle.load_bundle`).
 """
@@ -277,10 +278,16 @@ def export(args: argparse.Namespace) -> int:
                 f"FALLING BACK to {candidates[candidates.index(quantization) + 1]}"
             )
     else:
+        hint = (
+            "; EfficientNetB0's activations are too heavy-tailed for int8 (models/README.md, 'B0 and int8'): "
+            "use --quantization float16"
+            if trained.spec.name == "b0" and quantization.startswith("int8")
+            else ""
+        )
         raise ExportError(
             f"fidelity gate failed: {report['identical_label_sets']:.1%} of held-out stacks keep their exact "
             f"label set with {quantization} (gate {args.min_identical:.0%}; tried {', '.join(candidates)}); "
-            "try more --calibration stacks, --fallback float16,float32, or a lower --min-identical"
+            f"try more --calibration stacks, --fallback float16,float32, or a lower --min-identical{hint}"
         )
     report["attempts"] = attempts
     if trained.spec.weights == "random":
