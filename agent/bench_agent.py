@@ -90,6 +90,14 @@ def burst(
     }
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (no bytes copied), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def stage_stacks(
     stacks: Sequence[tuple[str, dict[str, Path]]], n: int, staging: Path, target: Path
 ) -> list[tuple[Path, Path]]:
@@ -101,10 +109,7 @@ def stage_stacks(
         _, paths = next(source)
         for channel, path in paths.items():
             staged = staging / f"burst{i:05d}_{channel}{path.suffix}"
-            try:
-                os.link(path, staged)
-            except OSError:
-                shutil.copyfile(path, staged)
+            link_or_copy(path, staged)
             moves.append((staged, target / staged.name))
     return moves
 

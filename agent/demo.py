@@ -64,6 +64,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """SIGTERM (the agent flushes and says offline), then SIGKILL if it does not end in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def wait_port(port: int, process: subprocess.Popen[bytes], seconds: float = 20.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -115,12 +126,7 @@ def broker(choice: str, work: Path) -> Iterator[tuple[str, int, str]]:
         say(f"broker: {name} started on 127.0.0.1:{port} (MQTT {protocol})")
         yield "127.0.0.1", port, protocol
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop(process, 10)
         log.close()
         say(f"broker: {name} stopped")
 
@@ -225,13 +231,7 @@ def run(args: argparse.Namespace) -> int:
             while results.count < len(truth) and time.monotonic() < deadline and agent.poll() is None:
                 time.sleep(0.1)
         finally:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                try:
-                    agent.wait(30)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-                    agent.wait(5)
+            stop(agent, 30)
             agent_log.close()
             results.close()
             say(f"agent stopped (exit {agent.returncode})")

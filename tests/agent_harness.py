@@ -13,6 +13,7 @@ from agent import log
 from agent.bundle import Bundle
 from agent.config import Config, load_config
 from agent.labels import CHANNELS
+from agent.outbox import Outbox
 from agent.service import Agent
 
 FAST = {
@@ -113,3 +114,12 @@ def drop(files: Mapping[str, Path], folder: Path, stack_id: str, order: tuple[st
     """Copy a stack into the folder under a new id, channel by channel in `order`."""
     for channel in order:
         shutil.copyfile(files[channel], folder / f"{stack_id}_{channel}.png")
+
+
+def outbox_depth(database: Path) -> dict[str, int]:
+    """Pending and rejected rows, read through the agent's own outbox module."""
+    outbox = Outbox(database)
+    try:
+        return outbox.depth()
+    finally:
+        outbox.close()

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from agent.labels import CHANNELS
-from agent.outbox import Outbox
 from agent.preprocess import preprocess
 from agent.stack import read_stack
-from tests.agent_harness import config_for, drop, running, stack_files
+from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
 from tests.broker import Proxy, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -226,11 +225,7 @@ def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
             agent.request_stop()
     proxy.stop()
     assert [r["stack_id"] for r in results(subscriber)] == ["wait0", "wait1", "wait2"]
-    outbox = Outbox(config.state.database)
-    try:
-        assert outbox.depth() == {"pending": 0, "rejected": 0}
-    finally:
-        outbox.close()
+    assert outbox_depth(config.state.database) == {"pending": 0, "rejected": 0}
 
 
 def test_after_delete_removes_processed_files(tmp_path, broker, subscriber, demo_bundle, real_dir):

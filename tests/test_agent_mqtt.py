@@ -13,20 +13,11 @@ from typing import Any
 import jsonschema
 import pytest
 
-from agent.outbox import Outbox
-from tests.agent_harness import config_for, drop, running, stack_files
+from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
 from tests.broker import Broker, Subscriber
 
 pytestmark = pytest.mark.integration
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
-
-
-def outbox_depth(database: Path) -> dict[str, int]:
-    outbox = Outbox(database)
-    try:
-        return outbox.depth()
-    finally:
-        outbox.close()
 
 
 def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, real_dir):

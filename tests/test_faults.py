@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.bench_agent import link_or_copy
 from agent.labels import CHANNELS
 from tests.agent_harness import write_config
 from tests.broker import Broker, Proxy
@@ -38,10 +39,7 @@ def drop(files: dict[str, Path], folder: Path, stack_id: str) -> None:
     staging.mkdir(exist_ok=True)
     for channel, source in files.items():
         staged = staging / f"{stack_id}_{channel}.png"
-        try:
-            os.link(source, staged)
-        except OSError:
-            shutil.copyfile(source, staged)
+        link_or_copy(source, staged)
         os.rename(staged, folder / staged.name)
 
 
