@@ -58,6 +58,14 @@ def reachable(host: str, port: int) -> bool:
     return False
 
 
+def find_mosquitto() -> str | None:
+    """Debian puts mosquitto in /usr/sbin, which is not on every user's PATH."""
+    for path in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if Path(path).is_file():
+            return path
+    return shutil.which("mosquitto")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -99,9 +107,7 @@ def broker(choice: str, work: Path) -> Iterator[tuple[str, int, str]]:
         yield "localhost", 1883, "5"
         return
     port = free_port()
-    mosquitto = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
-    )
+    mosquitto = find_mosquitto()
     log = open(work / "broker.log", "wb")  # noqa: SIM115 - closed below, after the broker stops
     if mosquitto and choice != "amqtt":
         conf = work / "mosquitto.conf"

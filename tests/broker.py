@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -16,23 +15,14 @@ from typing import Any
 
 import pytest
 
-MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+from agent.demo import find_mosquitto, free_port
 
 
 def mosquitto_binary() -> str:
-    for path in MOSQUITTO_PATHS:
-        if Path(path).is_file():
-            return path
-    found = shutil.which("mosquitto")
+    found = find_mosquitto()
     if found is None:
         pytest.skip("mosquitto is not installed (sudo apt-get install -y mosquitto)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Broker:
@@ -228,3 +218,13 @@ class Proxy:
         for thread in self._threads:
             thread.join(5)
         self._threads.clear()
+
+
+def retained(port: int, topic: str) -> Received:
+    """The one retained message on `topic`, as a subscriber that joins now receives it."""
+    late = Subscriber(port, topic)
+    try:
+        assert late.wait_for(lambda: len(late.messages) == 1)
+        return late.messages[0]
+    finally:
+        late.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.labels import CHANNELS
+from agent.log import parse_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ class AgentProcess:
 
     def events(self) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line.split("event=", 1)[1].split()[0] for line in text.splitlines() if "event=" in line]
+        return [parse_line(line)["event"] for line in text.splitlines() if line.startswith("level=")]
 
     def lines(self, event: str) -> list[str]:
         return [

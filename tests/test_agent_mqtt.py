@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
-from tests.broker import Broker, Subscriber
+from tests.broker import Broker, Subscriber, retained
 
 pytestmark = pytest.mark.integration
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
@@ -129,13 +129,9 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
 def test_status_is_retained_online_while_running(tmp_path, broker, demo_bundle):
     config = config_for(tmp_path, broker.port)
     with running(config, demo_bundle):
-        late = Subscriber(broker.port, "hpa-edge/scope/status")  # joins after the agent connected
-        try:
-            assert late.wait_for(lambda: len(late.messages) == 1)
-            assert late.messages[0].payload == b"online"
-            assert late.messages[0].retain
-        finally:
-            late.close()
+        status = retained(broker.port, "hpa-edge/scope/status")  # joins after the agent connected
+        assert status.payload == b"online"
+        assert status.retain
 
 
 def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle, real_dir):
@@ -178,7 +174,7 @@ def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, r
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     certs = make_certificates(tmp_path / "certs")
-    from tests.broker import free_port
+    from agent.demo import free_port
 
     tls_port = free_port()
     extra = (

@@ -19,7 +19,7 @@ import pytest
 from agent.labels import CHANNELS
 from agent.log import parse_line
 from tests.agent_harness import drop, stack_files, write_config
-from tests.broker import Subscriber
+from tests.broker import retained
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -84,13 +84,9 @@ def test_sigterm_finishes_publishes_offline_and_exits_zero(tmp_path, broker, sub
         assert process.wait(20) == 0
     assert lines.events()[-3:] == ["stop_requested", "mqtt_offline", "agent_stopped"]
     assert [m.payload for m in subscriber.on("status")][-1] == b"offline"
-    late = Subscriber(broker.port, "hpa-edge/scope/status")
-    try:
-        assert late.wait_for(lambda: len(late.messages) == 1)
-        assert late.messages[0].payload == b"offline"
-        assert late.messages[0].retain
-    finally:
-        late.close()
+    status = retained(broker.port, "hpa-edge/scope/status")
+    assert status.payload == b"offline"
+    assert status.retain
 
 
 def test_sigint_stops_cleanly_too(tmp_path, broker):
