@@ -24,7 +24,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "synth": Command("export.synth", "write synthetic HPA stacks and a train.csv", "core"),
-    "check-stack": Command("agent.check_stack", "read stacks and report each as OK or why not", "core"),
+    "check-stack": Command("agent.tools.check_stack", "read stacks and report each as OK or why not", "core"),
     "baseline": Command(
         "export.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
     ),
@@ -36,17 +36,21 @@ COMMANDS: dict[str, Command] = {
     "quant-probe": Command(
         "export.quant_probe", "how a backbone survives each TFLite quantization, on real stacks", "export"
     ),
-    "verify": Command("agent.verify", "check a model bundle with the device runtimes", "agent"),
+    "verify": Command("agent.tools.verify", "check a model bundle with the device runtimes", "agent"),
     "predict": Command(
-        "agent.predict", "classify stack files once and print JSON results (no broker)", "agent"
+        "agent.tools.predict", "classify stack files once and print JSON results (no broker)", "agent"
     ),
-    "listen": Command("agent.listen", "print results arriving from devices over MQTT, as a table", "agent"),
-    "bench": Command("agent.bench", "latency and throughput of the device pipeline on this machine", "agent"),
+    "listen": Command(
+        "agent.tools.listen", "print results arriving from devices over MQTT, as a table", "agent"
+    ),
+    "bench": Command(
+        "agent.tools.bench", "latency and throughput of the device pipeline on this machine", "agent"
+    ),
     "demo": Command(
-        "agent.demo", "the device side end to end on synthetic stacks (broker, agent, results)", "agent"
+        "agent.tools.demo", "the device side end to end on synthetic stacks (broker, agent, results)", "agent"
     ),
     "run": Command(
-        "agent.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
+        "agent.service.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
     ),
     "train": Command(
         "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"

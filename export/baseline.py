@@ -18,9 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.errors import StackError
-from agent.labels import LOCATIONS
-from agent.preprocess import BitDepth, to_uint8
+from agent.stacks.errors import StackError
+from agent.stacks.labels import LOCATIONS
+from agent.stacks.preprocess import BitDepth, to_uint8
 from export.dataset import Dataset, DatasetError
 from export.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
 from export.split import stratified_folds, train_test_split

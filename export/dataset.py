@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import StackError
-from agent.image import Limits
-from agent.labels import CHANNELS, N_LOCATIONS, parse_target
-from agent.naming import NamingScheme
-from agent.stack import Stack, find_stacks, read_stack
+from agent.stacks.errors import StackError
+from agent.stacks.image import Limits
+from agent.stacks.labels import CHANNELS, N_LOCATIONS, parse_target
+from agent.stacks.naming import NamingScheme
+from agent.stacks.stack import Stack, find_stacks, read_stack
 
 _MAX_LISTED = 20
 

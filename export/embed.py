@@ -1,7 +1,7 @@
 """`hpa-edge embed`: turn every stack of a labelled data set into a 1280-d embedding, once.
 
 Stacks are read from disk a batch at a time (the next batch is decoded while the network
-runs on this one) and pixels come from `agent.preprocess.preprocess`, the function the device
+runs on this one) and pixels come from `agent.stacks.preprocess.preprocess`, the function the device
 uses, so training and inference see identical input. The cache is a folder:
 
     cache.json          the key: backbone + weights identity + preprocessing (+ format)
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.digest import file_sha256
-from agent.errors import StackError
-from agent.labels import CHANNELS
-from agent.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
+from agent.stacks.digest import file_sha256
+from agent.stacks.errors import StackError
+from agent.stacks.labels import CHANNELS
+from agent.stacks.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
 from export.backbones import EMBEDDING_DIM, BackboneError, BackboneSpec, build, lite0_weights_path
 from export.dataset import Dataset, DatasetError, Sample
 from export.progress import Progress

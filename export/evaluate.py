@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import LOCATIONS, N_LOCATIONS
+from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.metrics import (
     bootstrap_f1,
     bootstrap_weights,

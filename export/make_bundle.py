@@ -9,7 +9,7 @@
    fails, or with --fallback float16,float32 redoes the backbone in the next precision and
    says so.
 4. Write the bundle: the two models, golden vectors, `manifest.json` (hashes of every file),
-   `fidelity.json`; then load it with the device code (`agent.bundle.load_bundle`).
+   `fidelity.json`; then load it with the device code (`agent.model.bundle.load_bundle`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
-from agent.classifier import OnnxClassifier
-from agent.digest import file_sha256
-from agent.embedder import TFLiteEmbedder
-from agent.errors import StackError
-from agent.labels import LOCATIONS
-from agent.preprocess import Preprocessing, preprocess
+from agent.model.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
+from agent.model.classifier import OnnxClassifier
+from agent.model.embedder import TFLiteEmbedder
+from agent.stacks.digest import file_sha256
+from agent.stacks.errors import StackError
+from agent.stacks.labels import LOCATIONS
+from agent.stacks.preprocess import Preprocessing, preprocess
 from export.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
 from export.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
 from export.dataset import Dataset, DatasetError

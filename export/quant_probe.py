@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.embedder import TFLiteEmbedder
-from agent.preprocess import Preprocessing, preprocess
-from agent.stack import find_stacks, read_stack
+from agent.model.embedder import TFLiteEmbedder
+from agent.stacks.preprocess import Preprocessing, preprocess
+from agent.stacks.stack import find_stacks, read_stack
 from export.backbones import BackboneSpec, build
 
 VARIANTS = ("int8", "int8-worst-10", "int8-float-sigmoid", "int16x8", "float16", "float32")

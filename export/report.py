@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import LOCATIONS
+from agent.stacks.labels import LOCATIONS
 
 OURS, ORIGINAL = "ours", "original_method"
 

@@ -1,7 +1,7 @@
 """Write synthetic HPA stacks in the Kaggle layout (`<id>_<channel>.png` + `train.csv`).
 
 Label sets follow the real data set: by default the per-location frequencies and the
-number of labels per stack of the 31,072-stack Kaggle training set (agent.labels); with
+number of labels per stack of the 31,072-stack Kaggle training set (agent.stacks.labels); with
 `--prior CSV`, label sets are drawn from a real label file, which also keeps which
 locations occur together. Every stack's pixels depend only on (seed, index), so a run is
 repeatable whatever the number of worker processes.
@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.labels import (
+from agent.stacks.labels import (
     CHANNELS,
     KAGGLE_LABELS_PER_STACK,
     KAGGLE_LOCATION_COUNTS,

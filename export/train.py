@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import LOCATIONS, N_LOCATIONS
+from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.dataset import DatasetError, read_labels
 from export.embed import CacheError, EmbeddingCache, Embeddings
 from export.evaluate import balanced_test_f1, biologist_f1, score_methods

@@ -100,7 +100,7 @@ say "configuration $ETC"
 install -d -m 0750 "$ETC"
 chown "root:${OWNER#*:}" "$ETC"
 if [ ! -e "$ETC/agent.toml" ]; then
-  install -m 0640 "$SRC/agent/agent.example.toml" "$ETC/agent.toml"
+  install -m 0640 "$SRC/agent/service/agent.example.toml" "$ETC/agent.toml"
   chown "root:${OWNER#*:}" "$ETC/agent.toml"
 else
   say "kept the existing $ETC/agent.toml"

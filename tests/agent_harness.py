@@ -9,12 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent import log
-from agent.bundle import Bundle
-from agent.config import Config, load_config
-from agent.labels import CHANNELS
-from agent.outbox import Outbox
-from agent.service import Agent
+from agent.model.bundle import Bundle
+from agent.service import log
+from agent.service.agent import Agent
+from agent.service.config import Config, load_config
+from agent.service.outbox import Outbox
+from agent.stacks.labels import CHANNELS
 
 FAST = {
     "watch": {

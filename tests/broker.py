@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.demo import find_mosquitto, free_port
+from agent.tools.demo import find_mosquitto, free_port
 
 
 def mosquitto_binary() -> str:

@@ -43,7 +43,7 @@ def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_embeddings(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Lite0 (ImageNet weights) embeddings of the session's synthetic set at 224 px: a cache folder."""
-    from agent.preprocess import Preprocessing
+    from agent.stacks.preprocess import Preprocessing
     from export.backbones import BackboneSpec
     from export.dataset import Dataset
     from export.embed import Embedder, EmbeddingCache, embed_dataset
@@ -99,7 +99,7 @@ def small_bundle(synthetic_set: Path, small_model: Path, tmp_path_factory: pytes
 @pytest.fixture(scope="session")
 def demo_bundle() -> Any:
     """The committed demo bundle, loaded and checked once (hashes, golden vectors)."""
-    from agent.bundle import load_bundle
+    from agent.model.bundle import load_bundle
 
     return load_bundle(REPO / "models" / "demo", threads=2)
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.labels import CHANNELS
-from agent.log import parse_line
+from agent.service.log import parse_line
+from agent.stacks.labels import CHANNELS
 
 REPO = Path(__file__).resolve().parent.parent
 

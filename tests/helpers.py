@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.labels import CHANNELS
+from agent.stacks.labels import CHANNELS
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

@@ -13,14 +13,16 @@ import jsonschema
 import numpy as np
 import pytest
 
-from agent.labels import CHANNELS
-from agent.preprocess import preprocess
-from agent.stack import read_stack
+from agent.stacks.labels import CHANNELS
+from agent.stacks.preprocess import preprocess
+from agent.stacks.stack import read_stack
 from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
 from tests.broker import Proxy, Subscriber
 
 pytestmark = pytest.mark.integration
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "agent" / "model" / "messages.schema.json").read_text()
+)
 
 
 def validate(payload: bytes, definition: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from tests.agent_harness import config_for, drop, outbox_depth, running, stack_f
 from tests.broker import Broker, Subscriber, retained
 
 pytestmark = pytest.mark.integration
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "agent" / "model" / "messages.schema.json").read_text()
+)
 
 
 def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, real_dir):
@@ -174,7 +176,7 @@ def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, r
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     certs = make_certificates(tmp_path / "certs")
-    from agent.demo import free_port
+    from agent.tools.demo import free_port
 
     tls_port = free_port()
     extra = (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.labels import CHANNELS
-from agent.log import parse_line
+from agent.service.log import parse_line
+from agent.stacks.labels import CHANNELS
 from tests.agent_harness import drop, stack_files, write_config
 from tests.broker import retained
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bench import STAGES, summarise, table
+from agent.tools.bench import STAGES, summarise, table
 
 REPO = Path(__file__).resolve().parent.parent
 

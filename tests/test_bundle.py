@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import BundleError, load_bundle
-from agent.digest import file_sha256
-from agent.labels import LOCATIONS
+from agent.model.bundle import BundleError, load_bundle
+from agent.stacks.digest import file_sha256
+from agent.stacks.labels import LOCATIONS
 from tests.conftest import REPO, export_args
 
 pytestmark = pytest.mark.integration
@@ -150,7 +150,7 @@ def test_the_embedder_refuses_pixels_of_the_wrong_size_or_type(small_bundle: Pat
 
 
 def test_without_any_tflite_runtime_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import embedder
+    from agent.model import embedder
 
     monkeypatch.setattr(embedder, "RUNTIMES", ("no_such_runtime.interpreter",))
     with pytest.raises(embedder.RuntimeMissingError, match="install ai-edge-litert"):
@@ -158,7 +158,7 @@ def test_without_any_tflite_runtime_the_error_says_what_to_install(monkeypatch: 
 
 
 def test_litert_is_the_runtime_chosen_on_this_machine() -> None:
-    from agent.embedder import interpreter_class
+    from agent.model.embedder import interpreter_class
 
     assert interpreter_class()[1] == "ai_edge_litert.interpreter"
 

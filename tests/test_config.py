@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import SECTIONS, Config, ConfigError, all_keys, env_name, load_config
+from agent.service.config import SECTIONS, Config, ConfigError, all_keys, env_name, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "agent" / "agent.example.toml"
+EXAMPLE = REPO / "agent" / "service" / "agent.example.toml"
 
 
 def write(tmp_path: Path, text: str) -> Path:

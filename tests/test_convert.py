@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.classifier import OnnxClassifier
-from agent.labels import N_LOCATIONS
+from agent.model.classifier import OnnxClassifier
+from agent.stacks.labels import N_LOCATIONS
 from export.forest import ForestSettings, fit_forests, predict_scores
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_l
 
 
 def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> None:
-    from agent.embedder import TFLiteEmbedder
+    from agent.model.embedder import TFLiteEmbedder
     from export.backbones import BackboneSpec, build
     from export.convert import to_tflite
 
@@ -62,8 +62,8 @@ def test_int8_without_calibration_images_is_refused() -> None:
 
 
 def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_stacks(real_dir: Path) -> None:
-    from agent.embedder import TFLiteEmbedder
-    from agent.preprocess import Preprocessing, preprocess
+    from agent.model.embedder import TFLiteEmbedder
+    from agent.stacks.preprocess import Preprocessing, preprocess
     from export.backbones import BackboneSpec, build
     from export.convert import to_tflite
     from export.dataset import Dataset

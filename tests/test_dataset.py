@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import StackError
+from agent.stacks.errors import StackError
 from export.dataset import Dataset, DatasetError, read_labels
 from tests.helpers import write_stack
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from agent.config import all_keys
+from agent.service.config import all_keys
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-SCHEMA = json.loads((REPO / "agent" / "messages.schema.json").read_text())
+SCHEMA = json.loads((REPO / "agent" / "model" / "messages.schema.json").read_text())
 
 
 def code_blocks(path: Path, language: str) -> list[str]:

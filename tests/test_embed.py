@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.preprocess import Preprocessing, preprocess
+from agent.stacks.preprocess import Preprocessing, preprocess
 from export.backbones import BackboneSpec
 from export.dataset import Dataset
 from export.embed import CacheError, Embedder, EmbeddingCache, cache_key, embed_dataset

@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 
-from agent.labels import N_LOCATIONS
+from agent.stacks.labels import N_LOCATIONS
 from export.evaluate import balanced_test_f1, biologist_f1, score_methods
 from tests.conftest import REPO
 

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.bench_agent import link_or_copy
-from agent.labels import CHANNELS
+from agent.stacks.labels import CHANNELS
+from agent.tools.bench_agent import link_or_copy
 from tests.agent_harness import write_config
 from tests.broker import Broker, Proxy
 from tests.fault_harness import AgentProcess, Consumer, check_invariants, wait_until
@@ -78,7 +78,7 @@ def start_agent(world: dict[str, object], port: int | None = None, **sections: o
         assert isinstance(values, dict)
         merged.setdefault(name, {}).update(values)
     config = write_config(tmp, port or broker.port, merged)
-    agent = AgentProcess(config, tmp / "agent.log").start()
+    agent = AgentProcess(config, tmp / "agent.service.log").start()
     world["agent"] = agent
     return agent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.files import move_file, write_json
+from agent.service.files import move_file, write_json
 
 
 def test_a_move_within_one_file_system_keeps_the_bytes(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from agent.errors import StackError
-from agent.image import Limits, read_channel
+from agent.stacks.errors import StackError
+from agent.stacks.image import Limits, read_channel
 from tests.conftest import REPO
 from tests.helpers import write_png
 
@@ -209,8 +209,8 @@ def test_cv2_is_silenced_for_corrupt_files(tmp_path: Path) -> None:
     data = cv2.imencode(".png", np.zeros((32, 32), np.uint8))[1].tobytes()
     path.write_bytes(data[:40] + data[-12:])
     code = (
-        "import sys; from pathlib import Path; from agent.image import read_channel\n"
-        "from agent.errors import StackError\n"
+        "import sys; from pathlib import Path; from agent.stacks.image import read_channel\n"
+        "from agent.stacks.errors import StackError\n"
         "try: read_channel(Path(sys.argv[1]))\n"
         "except StackError as e: print(e.code)\n"
     )

@@ -9,11 +9,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from agent import messages
-from agent.labels import LOCATIONS
-from agent.log import format_event, parse_line
+from agent.model import messages
+from agent.service.log import format_event, parse_line
+from agent.stacks.labels import LOCATIONS
 
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "agent" / "messages.schema.json").read_text())
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "agent" / "model" / "messages.schema.json").read_text()
+)
 FILES = messages.files_entry(
     {"red": "a_red.png", "green": "a_green.png"}, {"red": "ab" * 32, "green": "cd" * 32}
 )

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from agent.labels import KAGGLE_LOCATION_COUNTS
+from agent.stacks.labels import KAGGLE_LOCATION_COUNTS
 from export.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
 from export.split import stratified_folds, train_test_split
 from export.synth import sample_label_sets

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.naming import NamingScheme, is_temporary
+from agent.stacks.naming import NamingScheme, is_temporary
 
 
 def test_kaggle_names_give_id_and_channel() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.notify import Notifier, Watchdog
+from agent.service.notify import Notifier, Watchdog
 
 
 class NotifySocket:
@@ -156,7 +156,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(
     tmp_path: Path, notify_socket: NotifySocket, broker, demo_bundle, real_dir
 ):
     """The embedder is made to hang on one stack (the one stand-in in this test); the pings must stop."""
-    from agent.service import Agent
+    from agent.service.agent import Agent
     from tests.agent_harness import config_for, drop, stack_files
 
     release = threading.Event()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from agent.cli import COMMANDS, main
-from agent.labels import KAGGLE_LOCATION_COUNTS, LOCATIONS, N_LOCATIONS, parse_target
+from agent.stacks.labels import KAGGLE_LOCATION_COUNTS, LOCATIONS, N_LOCATIONS, parse_target
 from tests.conftest import REPO
 
 

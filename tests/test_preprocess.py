@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.labels import CHANNELS
-from agent.preprocess import BitDepth, Preprocessing, auto_bits, preprocess, to_uint8
+from agent.stacks.labels import CHANNELS
+from agent.stacks.preprocess import BitDepth, Preprocessing, auto_bits, preprocess, to_uint8
 
 
 def _stack(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,7 +98,7 @@ def test_bad_preprocessing_is_refused(kwargs: dict[str, object], words: str) -> 
 
 
 def test_a_channel_mapping_is_read_from_its_text_form_and_back() -> None:
-    from agent.preprocess import format_slots, parse_slots
+    from agent.stacks.preprocess import format_slots, parse_slots
 
     slots = parse_slots("red + yellow*0.5, green ,Blue")
     assert slots == ((("red", 1.0), ("yellow", 0.5)), (("green", 1.0),), (("blue", 1.0),))
@@ -110,7 +110,7 @@ def test_a_channel_mapping_is_read_from_its_text_form_and_back() -> None:
     ("text", "words"), [("red,green", "3 input slots"), ("red*x,green,blue", "not a number")]
 )
 def test_a_bad_channel_mapping_is_refused_with_the_reason(text: str, words: str) -> None:
-    from agent.preprocess import parse_slots
+    from agent.stacks.preprocess import parse_slots
 
     with pytest.raises(ValueError, match=words):
         parse_slots(text)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import StackError
-from agent.labels import CHANNELS
-from agent.stack import find_stacks, read_stack
+from agent.stacks.errors import StackError
+from agent.stacks.labels import CHANNELS
+from agent.stacks.stack import find_stacks, read_stack
 from tests.helpers import write_png, write_stack
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.state import Ledger, Message, Record, StateError, connect, files_digest
+from agent.service.outbox import Outbox
+from agent.service.state import Ledger, Message, Record, StateError, connect, files_digest
 
 
 def record(stack: str, digest: str = "d1", outcome: str = "result", n: int = 1) -> Record:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import CHANNELS, KAGGLE_LABELS_PER_STACK, KAGGLE_LOCATION_COUNTS, KAGGLE_N_STACKS
-from agent.stack import find_stacks, read_stack
+from agent.stacks.labels import CHANNELS, KAGGLE_LABELS_PER_STACK, KAGGLE_LOCATION_COUNTS, KAGGLE_N_STACKS
+from agent.stacks.stack import find_stacks, read_stack
 from export.cells import Field, make_field, paint_stack
 from export.dataset import Dataset, read_labels
 from export.synth import add_arguments, generate, run, sample_label_sets

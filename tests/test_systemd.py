@@ -129,7 +129,7 @@ def test_install_and_uninstall_into_a_temporary_root(tmp_path: Path) -> None:
     env = (root / "etc" / "hpa-edge" / "agent.env").read_text()
     assert "HPA_EDGE_WATCH_FOLDER=/data/acquisition" in env
     assert (root / "etc" / "hpa-edge" / "agent.toml").read_text() == (
-        REPO / "agent" / "agent.example.toml"
+        REPO / "agent" / "service" / "agent.example.toml"
     ).read_text()
 
     # the device environment: the agent extra and nothing of the workstation

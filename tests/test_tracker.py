@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.labels import CHANNELS
-from agent.naming import NamingScheme
-from agent.tracker import RENAME_QUIET, STALE_WRITE_FACTOR, Entry, Tracker
+from agent.service.tracker import RENAME_QUIET, STALE_WRITE_FACTOR, Entry, Tracker
+from agent.stacks.labels import CHANNELS
+from agent.stacks.naming import NamingScheme
 
 SETTLE, TIMEOUT = 2.0, 60.0
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import N_LOCATIONS
-from agent.preprocess import Preprocessing
+from agent.stacks.labels import N_LOCATIONS
+from agent.stacks.preprocess import Preprocessing
 from export.auc import roc_auc
 from export.backbones import BackboneSpec
 from export.embed import EmbeddingCache, cache_key

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from agent import messages
-from agent.bundle import Bundle
-from agent.digest import file_sha256
-from agent.errors import StackError
-from agent.image import Limits
-from agent.preprocess import Preprocessing, preprocess
-from agent.stack import Stack, read_stack
-from agent.state import Message, Record, files_digest
+from agent.model import messages
+from agent.model.bundle import Bundle
+from agent.service.state import Message, Record, files_digest
+from agent.stacks.digest import file_sha256
+from agent.stacks.errors import StackError
+from agent.stacks.image import Limits
+from agent.stacks.preprocess import Preprocessing, preprocess
+from agent.stacks.stack import Stack, read_stack
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.errors import StackError
-from agent.image import DEFAULT_MAX_PIXELS, Limits
-from agent.naming import KAGGLE_PATTERN, NamingScheme
-from agent.preprocess import auto_bits
-from agent.stack import find_stacks, read_stack
+from agent.stacks.errors import StackError
+from agent.stacks.image import DEFAULT_MAX_PIXELS, Limits
+from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
+from agent.stacks.preprocess import auto_bits
+from agent.stacks.stack import find_stacks, read_stack
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

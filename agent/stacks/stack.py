@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import StackError
-from agent.image import Limits, read_channel
-from agent.labels import CHANNELS
-from agent.naming import NamingScheme
+from agent.stacks.errors import StackError
+from agent.stacks.image import Limits, read_channel
+from agent.stacks.labels import CHANNELS
+from agent.stacks.naming import NamingScheme
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from agent import log
-from agent.config import ConfigError, describe, load_config
+from agent.service import log
+from agent.service.config import ConfigError, describe, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path(default) if default else None,
         required=default is None,
-        help="TOML configuration file (default: $HPA_EDGE_CONFIG); see agent/agent.example.toml",
+        help="TOML configuration file (default: $HPA_EDGE_CONFIG); see agent/service/agent.example.toml",
     )
     parser.add_argument(
         "--check-config",
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"configuration OK: {args.config}", file=sys.stderr)
         return 0
 
-    from agent.service import Agent, StartError
+    from agent.service.agent import Agent, StartError
 
     log.setup(config.log_level)
     agent = Agent(config)

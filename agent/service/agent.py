@@ -24,18 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from agent import log, messages
-from agent.bundle import Bundle, load_bundle
-from agent.config import Config, is_set
-from agent.errors import StackError
-from agent.files import move_file, write_json
-from agent.labels import CHANNELS
-from agent.notify import Notifier, Watchdog
-from agent.pipeline import Outcome, Pipeline, Prepared
-from agent.publisher import Publisher
-from agent.state import Ledger, StateError
-from agent.tracker import Entry, Tracker
-from agent.watcher import Watcher, list_folder
+from agent.model import messages
+from agent.model.bundle import Bundle, load_bundle
+from agent.model.pipeline import Outcome, Pipeline, Prepared
+from agent.service import log
+from agent.service.config import Config, is_set
+from agent.service.files import move_file, write_json
+from agent.service.notify import Notifier, Watchdog
+from agent.service.publisher import Publisher
+from agent.service.state import Ledger, StateError
+from agent.service.tracker import Entry, Tracker
+from agent.service.watcher import Watcher, list_folder
+from agent.stacks.errors import StackError
+from agent.stacks.labels import CHANNELS
 
 STATE_RETRY_SECONDS = 5.0
 MOVE_RETRY_SECONDS = 10.0  # files that could not be moved are left alone this long
@@ -82,7 +83,7 @@ class Agent:
     # Start and stop ---------------------------------------------------------------------
     def start(self) -> None:
         """Everything that can fail is checked here, before the first stack is touched."""
-        from agent.bundle import BundleError
+        from agent.model.bundle import BundleError
 
         if not self.folder.is_dir():
             raise StartError(f"watch.folder {self.folder} does not exist or is not a folder")

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.state import StateError, connect
+from agent.service.state import StateError, connect
 
 
 @dataclass(frozen=True)

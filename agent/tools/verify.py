@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.bundle import BundleError, load_bundle
+from agent.model.bundle import BundleError, load_bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

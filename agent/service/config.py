@@ -1,6 +1,6 @@
 """The agent's configuration: one typed object, read from TOML, overridden from the environment.
 
-Every key has a default (the commented `agent/agent.example.toml` lists them all, and a
+Every key has a default (the commented `agent/service/agent.example.toml` lists them all, and a
 test checks it parses to exactly these defaults). Any key can be overridden by an
 environment variable named `HPA_EDGE_<SECTION>_<KEY>` (`HPA_EDGE_MQTT_HOST`,
 `HPA_EDGE_INSTRUMENT` for top-level keys), which is how systemd's `EnvironmentFile` and
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.image import Limits
-from agent.naming import KAGGLE_PATTERN, NamingScheme
+from agent.stacks.image import Limits
+from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 
 ENV_PREFIX = "HPA_EDGE_"
 # Variables with this prefix that are not configuration keys.

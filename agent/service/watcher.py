@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import log
-from agent.tracker import Entry
+from agent.service import log
+from agent.service.tracker import Entry
 
 
 def list_folder(folder: Path) -> dict[str, Entry]:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.labels import CHANNELS
+from agent.stacks.labels import CHANNELS
 
 KAGGLE_PATTERN = r"^(?P<id>.+)_(?P<channel>red|green|blue|yellow)\.(?:png|tiff?)$"
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")

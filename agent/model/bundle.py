@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.classifier import OnnxClassifier
-from agent.digest import file_sha256
-from agent.embedder import TFLiteEmbedder
-from agent.labels import LOCATIONS
-from agent.preprocess import Preprocessing
+from agent.model.classifier import OnnxClassifier
+from agent.model.embedder import TFLiteEmbedder
+from agent.stacks.digest import file_sha256
+from agent.stacks.labels import LOCATIONS
+from agent.stacks.preprocess import Preprocessing
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.labels import LOCATIONS
+from agent.stacks.labels import LOCATIONS
 
 MESSAGE_SCHEMA_VERSION = 1
 ONLINE = b"online"

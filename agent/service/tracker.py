@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.labels import CHANNELS
-from agent.naming import NamingScheme
+from agent.stacks.labels import CHANNELS
+from agent.stacks.naming import NamingScheme
 
 # A created file with no write event for this long was renamed in, not opened for writing
 # (open(O_CREAT) and the first write follow each other within microseconds).

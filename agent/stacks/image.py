@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.errors import StackError
+from agent.stacks.errors import StackError
 
 # A 16-bit 6000 x 6000 channel is 72 MB; four of them is the most a small board should hold.
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.digest import file_sha256
+from agent.stacks.digest import file_sha256
 
 
 def move_file(source: Path, folder: Path) -> Path:

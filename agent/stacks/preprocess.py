@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.labels import CHANNELS
+from agent.stacks.labels import CHANNELS
 
 _AUTO_BITS = (10, 12, 14, 16)
 RESIZE_METHODS: Mapping[str, int] = {

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import Bundle
+from agent.model.bundle import Bundle
 
 
 def cycle(stacks: Sequence[tuple[str, dict[str, Path]]]) -> Iterator[tuple[str, dict[str, Path]]]:
@@ -39,8 +39,8 @@ def burst(
     args: argparse.Namespace, bundle: Bundle, stacks: Sequence[tuple[str, dict[str, Path]]], work: Path
 ) -> dict[str, Any]:
     """N stacks renamed into a watched folder at once; time until the agent has committed them all."""
-    from agent.config import Config, FilesConfig, MqttConfig, StateConfig, WatchConfig
-    from agent.service import Agent
+    from agent.service.agent import Agent
+    from agent.service.config import Config, FilesConfig, MqttConfig, StateConfig, WatchConfig
 
     incoming = work / "burst" / "incoming"
     incoming.mkdir(parents=True)

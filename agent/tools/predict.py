@@ -13,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from agent.bundle import BundleError, load_bundle
-from agent.errors import StackError
-from agent.labels import CHANNELS
-from agent.messages import encode
-from agent.naming import KAGGLE_PATTERN, NamingScheme
-from agent.pipeline import Pipeline
+from agent.model.bundle import BundleError, load_bundle
+from agent.model.messages import encode
+from agent.model.pipeline import Pipeline
+from agent.stacks.errors import StackError
+from agent.stacks.labels import CHANNELS
+from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

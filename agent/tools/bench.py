@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from agent import log
-from agent.bench_agent import burst, cycle, read_text, startup
-from agent.bundle import Bundle, load_bundle
-from agent.naming import NamingScheme
-from agent.pipeline import Pipeline
-from agent.stack import find_stacks
-from agent.state import Ledger
+from agent.model.bundle import Bundle, load_bundle
+from agent.model.pipeline import Pipeline
+from agent.service import log
+from agent.service.state import Ledger
+from agent.stacks.naming import NamingScheme
+from agent.stacks.stack import find_stacks
+from agent.tools.bench_agent import burst, cycle, read_text, startup
 
 STAGES = ("decode", "preprocess", "embed", "classify", "commit", "end_to_end")
 PERCENTILES = (50, 90, 95, 99)
@@ -268,8 +268,8 @@ def compare(
     args: argparse.Namespace, pipeline: Pipeline, stacks: Sequence[tuple[str, dict[str, Path]]]
 ) -> dict[str, Any]:
     """The float reference on the same stacks, one at a time (needs the export extra)."""
-    from agent.preprocess import preprocess
-    from agent.stack import read_stack
+    from agent.stacks.preprocess import preprocess
+    from agent.stacks.stack import read_stack
 
     if args.model is None:
         raise SystemExit("bench: --compare needs --model DIR (the folder hpa-edge train wrote)")

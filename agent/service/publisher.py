@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import log, messages
-from agent.config import Config, is_set
-from agent.outbox import Outbox, Row
-from agent.state import StateError
+from agent.model import messages
+from agent.service import log
+from agent.service.config import Config, is_set
+from agent.service.outbox import Outbox, Row
+from agent.service.state import StateError
 
 
 class Publisher(threading.Thread):
