@@ -23,18 +23,22 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "synth": Command("export.synth", "write synthetic HPA stacks and a train.csv", "core"),
+    "synth": Command("export.data.synth", "write synthetic HPA stacks and a train.csv", "core"),
     "check-stack": Command("agent.tools.check_stack", "read stacks and report each as OK or why not", "core"),
     "baseline": Command(
-        "export.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
+        "export.training.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
     ),
     "embed": Command(
-        "export.embed", "compute and cache backbone embeddings of a labelled data set", "export"
+        "export.features.embed", "compute and cache backbone embeddings of a labelled data set", "export"
     ),
-    "auc": Command("export.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
-    "export": Command("export.make_bundle", "turn a trained model into a verified model bundle", "export"),
+    "auc": Command("export.training.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
+    "export": Command(
+        "export.conversion.make_bundle", "turn a trained model into a verified model bundle", "export"
+    ),
     "quant-probe": Command(
-        "export.quant_probe", "how a backbone survives each TFLite quantization, on real stacks", "export"
+        "export.conversion.quant_probe",
+        "how a backbone survives each TFLite quantization, on real stacks",
+        "export",
     ),
     "verify": Command("agent.tools.verify", "check a model bundle with the device runtimes", "agent"),
     "predict": Command(
@@ -53,7 +57,7 @@ COMMANDS: dict[str, Command] = {
         "agent.service.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
     ),
     "train": Command(
-        "export.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
+        "export.training.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
     ),
 }
 

@@ -33,7 +33,7 @@ def real_dir() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 synthetic stacks at 256 x 256 with train.csv, made once per test session."""
-    from export.synth import generate
+    from export.data.synth import generate
 
     folder = tmp_path_factory.mktemp("synthetic")
     generate(folder, n=300, seed=11, size=256, workers=2)
@@ -44,9 +44,9 @@ def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_embeddings(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Lite0 (ImageNet weights) embeddings of the session's synthetic set at 224 px: a cache folder."""
     from agent.stacks.preprocess import Preprocessing
-    from export.backbones import BackboneSpec
-    from export.dataset import Dataset
-    from export.embed import Embedder, EmbeddingCache, embed_dataset
+    from export.data.dataset import Dataset
+    from export.features.backbones import BackboneSpec
+    from export.features.embed import Embedder, EmbeddingCache, embed_dataset
 
     folder = tmp_path_factory.mktemp("embeddings") / "lite0"
     dataset = Dataset(synthetic_set, synthetic_set / "train.csv")
@@ -89,7 +89,7 @@ def small_model(
 @pytest.fixture(scope="session")
 def small_bundle(synthetic_set: Path, small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An int8 Lite0 bundle of the small model, exported once per session."""
-    from export.make_bundle import export
+    from export.conversion.make_bundle import export
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     assert export(export_args(model=small_model, data=synthetic_set, out=out)) == 0

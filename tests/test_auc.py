@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.auc import roc_auc, stratified_binary_folds
+from export.training.auc import roc_auc, stratified_binary_folds
 
 
 def test_auc_of_a_perfect_ranking_is_one_and_of_a_reversed_one_zero() -> None:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from export.backbones import (
+from export.features.backbones import (
     IMAGENET_NORMALISATION,
     LITE0_NORMALISATION,
     BackboneError,

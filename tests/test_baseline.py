@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.baseline import evaluate, feature_matrix, features
-from export.dataset import Dataset
+from export.data.dataset import Dataset
+from export.training.baseline import evaluate, feature_matrix, features
 
 
 def test_features_are_finite_and_fixed_length(synthetic_set: Path) -> None:

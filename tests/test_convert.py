@@ -7,23 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.model.classifier import OnnxClassifier
+from agent.model.runtimes import load_classifier
 from agent.stacks.labels import N_LOCATIONS
-from export.forest import ForestSettings, fit_forests, predict_scores
+from export.training.forests import ForestSettings, fit_forests, predict_scores
 
 pytestmark = pytest.mark.integration
 
 
 def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_labels() -> None:
-    from export.convert import forests_to_onnx
-    from export.make_bundle import onnx_parity
+    from export.conversion.convert import forests_to_onnx
+    from export.conversion.make_bundle import onnx_parity
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 1280)).astype(np.float32)
     y = (rng.random((300, N_LOCATIONS)) < 0.2).astype(np.uint8)
     y[:, 27] = 0  # a location without positives: no forest, constant 0
     forests = fit_forests(x, y, ForestSettings(trees=15, jobs=2))
-    classifier = OnnxClassifier(forests_to_onnx(forests, 1280))
+    classifier = load_classifier(forests_to_onnx(forests, 1280))
     fresh = rng.normal(size=(200, 1280)).astype(np.float32)
     onnx, sklearn = classifier(fresh), predict_scores(forests, fresh)
     assert onnx.shape == (200, N_LOCATIONS)
@@ -34,15 +34,15 @@ def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_l
 
 
 def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> None:
-    from agent.model.embedder import TFLiteEmbedder
-    from export.backbones import BackboneSpec, build
-    from export.convert import to_tflite
+    from agent.model.runtimes import load_embedder
+    from export.conversion.convert import to_tflite
+    from export.features.backbones import BackboneSpec, build
 
     model = build(BackboneSpec("lite0"), 96)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (12, 96, 96, 3), dtype=np.uint8)
     images[:, 20:60, 20:60] = 200  # some structure, not only noise
-    embedder = TFLiteEmbedder(to_tflite(model, "int8", images[:8]))
+    embedder = load_embedder(to_tflite(model, "int8", images[:8]))
     assert embedder.input_dtype == np.uint8
     exported = embedder(images[8:])
     reference = np.asarray(model(images[8:].astype(np.float32)))
@@ -54,19 +54,19 @@ def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> 
 
 
 def test_int8_without_calibration_images_is_refused() -> None:
-    from export.backbones import BackboneSpec, build
-    from export.convert import to_tflite
+    from export.conversion.convert import to_tflite
+    from export.features.backbones import BackboneSpec, build
 
     with pytest.raises(ValueError, match="needs calibration images"):
         to_tflite(build(BackboneSpec("lite0"), 64), "int8", None)
 
 
 def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_stacks(real_dir: Path) -> None:
-    from agent.model.embedder import TFLiteEmbedder
+    from agent.model.runtimes import load_embedder
     from agent.stacks.preprocess import Preprocessing, preprocess
-    from export.backbones import BackboneSpec, build
-    from export.convert import to_tflite
-    from export.dataset import Dataset
+    from export.conversion.convert import to_tflite
+    from export.data.dataset import Dataset
+    from export.features.backbones import BackboneSpec, build
 
     prep = Preprocessing(size=224)
     dataset = Dataset(real_dir / "stacks", real_dir / "labels.csv")
@@ -76,7 +76,7 @@ def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_sta
     reference = np.asarray(model(held.astype(np.float32)))
 
     def mean_cosine(quantization: str) -> float:
-        out = TFLiteEmbedder(to_tflite(model, quantization, calibration))(held)
+        out = load_embedder(to_tflite(model, quantization, calibration))(held)
         cosine = (out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
         return float(cosine.mean())
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.stacks.errors import StackError
-from export.dataset import Dataset, DatasetError, read_labels
+from export.data.dataset import Dataset, DatasetError, read_labels
 from tests.helpers import write_stack
 
 

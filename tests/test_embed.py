@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from agent.stacks.preprocess import Preprocessing, preprocess
-from export.backbones import BackboneSpec
-from export.dataset import Dataset
-from export.embed import CacheError, Embedder, EmbeddingCache, cache_key, embed_dataset
+from export.data.dataset import Dataset
+from export.features.backbones import BackboneSpec
+from export.features.embed import CacheError, Embedder, EmbeddingCache, cache_key, embed_dataset
 from tests.helpers import write_stack
 
 PREP = Preprocessing(size=32)

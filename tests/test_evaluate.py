@@ -7,7 +7,7 @@ import csv
 import numpy as np
 
 from agent.stacks.labels import N_LOCATIONS
-from export.evaluate import balanced_test_f1, biologist_f1, score_methods
+from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
 from tests.conftest import REPO
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.make_bundle import fidelity, onnx_parity
+from export.conversion.make_bundle import fidelity, onnx_parity
 
 
 def _case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from agent.stacks.labels import KAGGLE_LOCATION_COUNTS
-from export.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
-from export.split import stratified_folds, train_test_split
-from export.synth import sample_label_sets
+from export.data.split import stratified_folds, train_test_split
+from export.data.synth import sample_label_sets
+from export.training.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
 
 
 def test_f1_per_location_matches_hand_computation() -> None:
@@ -84,7 +84,7 @@ def test_kaggle_counts_are_consistent() -> None:
 
 
 def test_bootstrap_with_every_stack_once_equals_the_plain_f1() -> None:
-    from export.metrics import bootstrap_f1
+    from export.training.metrics import bootstrap_f1
 
     rng = np.random.default_rng(0)
     y, p = rng.random((50, 5)) < 0.3, rng.random((50, 5)) < 0.3
@@ -92,7 +92,7 @@ def test_bootstrap_with_every_stack_once_equals_the_plain_f1() -> None:
 
 
 def test_bootstrap_weights_resample_every_row_to_n_stacks() -> None:
-    from export.metrics import bootstrap_weights
+    from export.training.metrics import bootstrap_weights
 
     weights = bootstrap_weights(30, 100, seed=1)
     assert weights.shape == (100, 30)
@@ -101,7 +101,7 @@ def test_bootstrap_weights_resample_every_row_to_n_stacks() -> None:
 
 
 def test_row_means_skip_undefined_entries() -> None:
-    from export.metrics import nanmean_rows
+    from export.training.metrics import nanmean_rows
 
     values = np.array([[1.0, np.nan, 0.0], [np.nan, np.nan, np.nan]])
     out = nanmean_rows(values)
@@ -110,7 +110,7 @@ def test_row_means_skip_undefined_entries() -> None:
 
 
 def test_interval_of_no_finite_samples_is_undefined() -> None:
-    from export.metrics import interval
+    from export.training.metrics import interval
 
     assert all(np.isnan(v) for v in interval(np.array([np.nan, np.nan])))
     low, high = interval(np.arange(1001, dtype=float))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from export.progress import Progress, format_seconds
+from export.reports.progress import Progress, format_seconds
 
 
 def test_a_line_names_done_total_rate_and_eta() -> None:

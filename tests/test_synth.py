@@ -10,9 +10,9 @@ import pytest
 
 from agent.stacks.labels import CHANNELS, KAGGLE_LABELS_PER_STACK, KAGGLE_LOCATION_COUNTS, KAGGLE_N_STACKS
 from agent.stacks.stack import find_stacks, read_stack
-from export.cells import Field, make_field, paint_stack
-from export.dataset import Dataset, read_labels
-from export.synth import add_arguments, generate, run, sample_label_sets
+from export.data.cells import Field, make_field, paint_stack
+from export.data.dataset import Dataset, read_labels
+from export.data.synth import add_arguments, generate, run, sample_label_sets
 
 
 def _digest(folder: Path) -> str:

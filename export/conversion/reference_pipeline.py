@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from export.backbones import build
-from export.make_bundle import read_model
+from export.conversion.make_bundle import read_model
+from export.features.backbones import build
 
 
 class FloatReference:

@@ -28,9 +28,9 @@ from agent.stacks.labels import (
     KAGGLE_N_STACKS,
     N_LOCATIONS,
 )
-from export.cells import paint_stack
-from export.dataset import DatasetError, read_labels
-from export.progress import Progress
+from export.data.cells import paint_stack
+from export.data.dataset import DatasetError, read_labels
+from export.reports.progress import Progress
 
 GENERATOR_VERSION = 1
 LabelSets = list[tuple[int, ...]]

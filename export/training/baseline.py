@@ -21,9 +21,9 @@ import numpy as np
 from agent.stacks.errors import StackError
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import BitDepth, to_uint8
-from export.dataset import Dataset, DatasetError
-from export.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
-from export.split import stratified_folds, train_test_split
+from export.data.dataset import Dataset, DatasetError
+from export.data.split import stratified_folds, train_test_split
+from export.training.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
 
 FEATURE_SIZE = 256
 

@@ -16,9 +16,9 @@ import numpy as np
 
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import Preprocessing, format_slots
-from export.dataset import DatasetError, read_labels
-from export.embed import CacheError, EmbeddingCache
-from export.forest import ForestSettings, fit_forests, predict_scores
+from export.data.dataset import DatasetError, read_labels
+from export.features.embed import CacheError, EmbeddingCache
+from export.training.forests import ForestSettings, fit_forests, predict_scores
 
 DEFAULT_LOCATIONS = (0, 25)
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.model.embedder import TFLiteEmbedder
+from agent.model.runtimes import Embedder, load_embedder
 from agent.stacks.preprocess import Preprocessing, preprocess
 from agent.stacks.stack import find_stacks, read_stack
-from export.backbones import BackboneSpec, build
+from export.features.backbones import BackboneSpec, build
 
 VARIANTS = ("int8", "int8-worst-10", "int8-float-sigmoid", "int16x8", "float16", "float32")
 
@@ -101,7 +101,7 @@ def convert(saved: str, variant: str, calibration: np.ndarray) -> bytes:
     return bytes(selective.get_nondebug_quantized_model())
 
 
-def latency_ms(embedder: TFLiteEmbedder, image: np.ndarray, runs: int = 10) -> float:
+def latency_ms(embedder: Embedder, image: np.ndarray, runs: int = 10) -> float:
     for _ in range(3):
         embedder(image[None])
     start = time.perf_counter()
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         model.export(saved, format="tf_saved_model", verbose=False)
         for variant in args.variants.split(","):
             flat = convert(saved, variant.strip(), calibration)
-            embedder = TFLiteEmbedder(flat, 2)
+            embedder = load_embedder(flat, 2)
             found = cosines(embedder(held), reference)
             print(
                 f"  {variant:<20} cosine min {found.min():.4f} mean {found.mean():.4f}; "

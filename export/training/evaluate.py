@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
-from export.metrics import (
+from export.training.metrics import (
     bootstrap_f1,
     bootstrap_weights,
     interval,

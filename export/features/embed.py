@@ -32,9 +32,9 @@ from agent.stacks.digest import file_sha256
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
 from agent.stacks.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
-from export.backbones import EMBEDDING_DIM, BackboneError, BackboneSpec, build, lite0_weights_path
-from export.dataset import Dataset, DatasetError, Sample
-from export.progress import Progress
+from export.data.dataset import Dataset, DatasetError, Sample
+from export.features.backbones import EMBEDDING_DIM, BackboneError, BackboneSpec, build, lite0_weights_path
+from export.reports.progress import Progress
 
 CACHE_FORMAT = 1
 DEFAULT_SIZE = 224
