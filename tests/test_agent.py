@@ -76,7 +76,7 @@ def test_channels_arriving_in_any_order_slowly_give_one_result(
         for channel in ("yellow", "blue", "green"):
             shutil.copyfile(files[channel], config.watch.folder / f"late_{channel}.png")
             time.sleep(0.4)
-        assert agent.waiting == 1
+        assert agent.book.waiting == 1
         assert not subscriber.on("results")
         shutil.copyfile(files["red"], config.watch.folder / "late_red.png")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
@@ -146,7 +146,7 @@ def test_the_same_stack_twice_gives_one_result(tmp_path, broker, subscriber, dem
         drop(files, config.watch.folder, "twice")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         drop(files, config.watch.folder, "twice")
-        assert subscriber.wait_for(lambda: agent.counts["duplicates"] == 1)
+        assert subscriber.wait_for(lambda: agent.stats.counts["duplicates"] == 1)
         time.sleep(0.5)
     assert len(results(subscriber)) == 1
     assert not any(config.watch.folder.glob("twice_*")), "the duplicate's files were left behind"
@@ -179,7 +179,7 @@ def test_a_corrupt_stack_goes_to_failed_with_an_error_message(
         # and the agent keeps working
         drop(files, config.watch.folder, "good")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
-        assert agent.counts["failed"] == 1
+        assert agent.stats.counts["failed"] == 1
     error = validate(subscriber.on("errors")[0].payload, "error")
     assert error["stack_id"] == "bad"
     assert error["code"] == "truncated"
@@ -198,7 +198,7 @@ def test_an_incomplete_stack_is_quarantined_after_the_timeout(
     with running(config, demo_bundle) as agent:
         drop(stack_files(real_dir, 10), config.watch.folder, "three", order=("red", "green", "blue"))
         assert subscriber.wait_for(lambda: len(subscriber.on("errors")) == 1)
-        assert agent.counts["quarantined"] == 1
+        assert agent.stats.counts["quarantined"] == 1
     error = validate(subscriber.on("errors")[0].payload, "error")
     assert error["code"] == "incomplete"
     assert "yellow" in error["message"]
@@ -216,7 +216,7 @@ def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
     with running(config, demo_bundle) as agent:
         for i in range(3):
             drop(stack_files(real_dir, 11 + i), config.watch.folder, f"wait{i}")
-        assert subscriber.wait_for(lambda: agent.counts["processed"] == 3)
+        assert subscriber.wait_for(lambda: agent.stats.counts["processed"] == 3)
         assert len(list(config.folder("done").glob("wait*"))) == 12  # files moved although the broker is down
         assert not subscriber.on("results")
         proxy.start()
@@ -247,7 +247,7 @@ def test_after_leave_keeps_files_in_place_and_does_not_process_them_again(
         drop(stack_files(real_dir, 41), config.watch.folder, "kept")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         time.sleep(1.5)  # several looks and settle periods
-        assert agent.counts == {"processed": 1, "failed": 0, "quarantined": 0, "duplicates": 0}
+        assert agent.stats.counts == {"processed": 1, "failed": 0, "quarantined": 0, "duplicates": 0}
     assert len(list(config.watch.folder.glob("kept_*"))) == 4
 
 

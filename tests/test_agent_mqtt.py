@@ -45,11 +45,11 @@ def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, 
         config = config_for(tmp_path, broker.port)
         with running(config, demo_bundle) as agent:
             drop(stack_files(real_dir, 21), config.watch.folder, "denied")
-            assert subscriber.wait_for(lambda: agent.publisher is not None and agent.publisher.rejected == 1)
+            assert subscriber.wait_for(lambda: agent.drainer is not None and agent.drainer.rejected == 1)
             time.sleep(1.0)  # long enough for a retry storm to show
-            assert agent.publisher is not None
-            assert agent.publisher.rejected == 1
-            assert agent.publisher.sent == 0
+            assert agent.drainer is not None
+            assert agent.drainer.rejected == 1
+            assert agent.drainer.sent == 0
         assert outbox_depth(config.state.database) == {"pending": 0, "rejected": 1}
         assert not subscriber.on("results")
         assert not subscriber.on("latest")  # latest carries only results the broker took
@@ -117,7 +117,7 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
         with running(config, demo_bundle) as agent:
             drop(stack_files(real_dir, 23), config.watch.folder, "kept")
             time.sleep(2.5)
-            assert agent.counts["processed"] == 1  # the pipeline goes on; the result waits on disk
+            assert agent.stats.counts["processed"] == 1  # the pipeline goes on; the result waits on disk
         log = capsys.readouterr().out
         refusals = log.count("event=mqtt_refused")
         assert 2 <= refusals <= 6, log  # backoff 0.2 s doubling to 1 s over 2.5 s: a handful, not a storm
@@ -213,7 +213,7 @@ def test_a_broker_that_goes_away_and_comes_back_gets_the_backlog(
         proxy.stop()  # the broker is gone for the agent
         for i in range(3):
             drop(stack_files(real_dir, 27 + i), config.watch.folder, f"during{i}")
-        assert subscriber.wait_for(lambda: agent.counts["processed"] == 4)
+        assert subscriber.wait_for(lambda: agent.stats.counts["processed"] == 4)
         assert len(subscriber.on("results")) == 1
         proxy.start()
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 4, timeout=30)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,17 +153,37 @@ def test_the_embedder_refuses_pixels_of_the_wrong_size_or_type(small_bundle: Pat
 
 
 def test_without_any_tflite_runtime_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.model import embedder
+    from agent.model import runtimes
 
-    monkeypatch.setattr(embedder, "RUNTIMES", ("no_such_runtime.interpreter",))
-    with pytest.raises(embedder.RuntimeMissingError, match="install ai-edge-litert"):
-        embedder.interpreter_class()
+    backend = types.ModuleType("tests.absent_backend")
+    backend.LIBRARY = "no_such_runtime.interpreter"  # type: ignore[attr-defined]
+
+    def load(model: bytes, threads: int) -> None:
+        import no_such_runtime  # type: ignore[import-not-found]  # noqa: F401
+
+    backend.load = load  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, backend.__name__, backend)
+    monkeypatch.setattr(runtimes, "EMBEDDERS", (backend.__name__,))
+    with pytest.raises(runtimes.RuntimeMissingError, match="install ai-edge-litert"):
+        runtimes.load_embedder(b"model")
+    with pytest.raises(runtimes.RuntimeMissingError, match="no_such_runtime"):
+        runtimes.embedder_runtime()
 
 
 def test_litert_is_the_runtime_chosen_on_this_machine() -> None:
-    from agent.model.embedder import interpreter_class
+    from agent.model.runtimes import embedder_runtime
 
-    assert interpreter_class()[1] == "ai_edge_litert.interpreter"
+    assert embedder_runtime() == "ai_edge_litert.interpreter"
+
+
+def test_every_backend_returns_the_same_arrays(demo_bundle: Any) -> None:
+    """LiteRT and tf.lite (the workstation's fallback) give float32 N x 1280 from the same pixels."""
+    from agent.model.runtimes import litert, tf_lite
+
+    model = (demo_bundle.folder / demo_bundle.manifest["files"]["embedder"]["path"]).read_bytes()
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    outputs = [backend.load(model, 1)(pixels) for backend in (litert, tf_lite)]
+    assert [(out.dtype, out.shape) for out in outputs] == [(np.dtype(np.float32), (2, 1280))] * 2
 
 
 def test_the_committed_demo_bundle_verifies_here_and_says_it_is_a_demo() -> None:

@@ -60,8 +60,8 @@ def predict(python: Path, bundle: Path, stacks: Path) -> dict[str, dict[str, obj
 
 def test_the_legacy_environment_has_tflite_runtime_numpy_1_and_no_litert(legacy_python: Path) -> None:
     code = (
-        "import importlib.util as u, numpy, agent.model.embedder as e;"
-        "print(numpy.__version__, e.interpreter_class()[1], u.find_spec('ai_edge_litert') is None,"
+        "import importlib.util as u, numpy, agent.model.runtimes as r;"
+        "print(numpy.__version__, r.embedder_runtime(), u.find_spec('ai_edge_litert') is None,"
         " u.find_spec('tensorflow') is None)"
     )
     out = subprocess.run(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from agent.service.outbox import Outbox
-from agent.service.state import Ledger, Message, Record, StateError, connect, files_digest
+from agent.service.state import Ledger, Message, Record, StateError, connect
+from agent.stacks.digest import stack_fingerprint
 
 
 def record(stack: str, digest: str = "d1", outcome: str = "result", n: int = 1) -> Record:
@@ -115,7 +117,13 @@ def test_an_unwritable_location_is_a_state_error(tmp_path: Path) -> None:
         Ledger(blocker / "state.db")
 
 
-def test_the_files_digest_changes_with_any_channel_and_not_with_order() -> None:
+def test_the_stack_fingerprint_changes_with_any_channel_and_not_with_order() -> None:
     a = {"red": "1", "green": "2", "blue": "3", "yellow": "4"}
-    assert files_digest(a) == files_digest(dict(reversed(list(a.items()))))
-    assert files_digest(a) != files_digest({**a, "yellow": "5"})
+    assert stack_fingerprint(a) == stack_fingerprint(dict(reversed(list(a.items()))))
+    assert stack_fingerprint(a) != stack_fingerprint({**a, "yellow": "5"})
+
+
+def test_the_stack_fingerprint_is_frozen() -> None:
+    """Devices in the field key their ledgers and msg_ids by it: a change would answer every stack twice."""
+    channels = {"red": "1", "green": "2", "blue": "3", "yellow": "4"}
+    assert stack_fingerprint(channels) == hashlib.sha256(b"blue:3\ngreen:2\nred:1\nyellow:4").hexdigest()

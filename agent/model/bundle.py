@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.model.classifier import OnnxClassifier
-from agent.model.embedder import TFLiteEmbedder
+from agent.model import thresholds as threshold_rule
+from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
+from agent.model.similarity import cosine
 from agent.stacks.digest import file_sha256
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import Preprocessing
@@ -61,8 +62,8 @@ class Bundle:
     manifest: dict[str, Any]
     preprocessing: Preprocessing
     thresholds: np.ndarray
-    embedder: TFLiteEmbedder
-    classifier: OnnxClassifier
+    embedder: Embedder
+    classifier: Classifier
     sha256: str  # of manifest.json, which pins every other file by hash
     golden: GoldenCheck | None = None
 
@@ -79,8 +80,8 @@ class Bundle:
         return self.classifier(self.embedder(images))
 
     def labels_for(self, probabilities: np.ndarray) -> np.ndarray:
-        """The one place thresholds are applied: N x 28 booleans."""
-        return np.asarray(probabilities) >= self.thresholds
+        """N x 28 booleans, by the bundle's thresholds (the rule itself: `agent.model.thresholds`)."""
+        return threshold_rule.apply(probabilities, self.thresholds)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -141,8 +142,8 @@ def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bu
         raise BundleError(f"{folder / MANIFEST}: bad preprocessing: {exc}") from None
     files = manifest["files"]
     try:
-        embedder = TFLiteEmbedder(folder / files["embedder"]["path"], threads)
-        classifier = OnnxClassifier(folder / files["classifiers"]["path"], threads=1)
+        embedder = load_embedder(folder / files["embedder"]["path"], threads)
+        classifier = load_classifier(folder / files["classifiers"]["path"], threads=1)
     except (ValueError, RuntimeError) as exc:
         raise BundleError(f"{folder}: a model does not load: {exc}") from None
     if embedder.size != preprocessing.size:
@@ -182,12 +183,13 @@ def run_golden(bundle: Bundle) -> GoldenCheck:
     tolerance = bundle.manifest["golden"]
     got_embeddings = bundle.embedder(images)
     got = bundle.classifier(got_embeddings)
-    cosine = float(np.min(_cosine(got_embeddings, embeddings)))
+    similarity = float(np.min(cosine(got_embeddings, embeddings)))
     difference = float(np.max(np.abs(got - probabilities)))
     same_labels = bool((bundle.labels_for(got) == bundle.labels_for(probabilities)).all())
-    if cosine < tolerance["min_cosine"]:
+    if similarity < tolerance["min_cosine"]:
         raise BundleError(
-            f"{bundle.folder}: golden embeddings differ (cosine {cosine:.5f} < {tolerance['min_cosine']}): "
+            f"{bundle.folder}: golden embeddings differ "
+            f"(cosine {similarity:.5f} < {tolerance['min_cosine']}): "
             "the runtime or CPU computes this model differently from where it was made"
         )
     if difference > tolerance["max_probability_difference"]:
@@ -195,9 +197,4 @@ def run_golden(bundle: Bundle) -> GoldenCheck:
             f"{bundle.folder}: golden probabilities differ by {difference:.4f} "
             f"(allowed {tolerance['max_probability_difference']})"
         )
-    return GoldenCheck(len(images), cosine, difference, same_labels)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    return GoldenCheck(len(images), similarity, difference, same_labels)

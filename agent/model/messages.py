@@ -92,10 +92,11 @@ def error_document(
     code: str,
     message: str,
     files: Mapping[str, Mapping[str, str]],
-    moved_to: str,
+    moved_to: str | None = None,
     time: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """`moved_to` (done, failed, quarantine) is added by whoever decides where the files go."""
+    document = {
         "schema_version": MESSAGE_SCHEMA_VERSION,
         "kind": "error",
         "msg_id": msg_id,
@@ -105,8 +106,10 @@ def error_document(
         "code": code,
         "message": message,
         "files": {channel: dict(entry) for channel, entry in files.items()},
-        "moved_to": moved_to,
     }
+    if moved_to is not None:
+        document["moved_to"] = moved_to
+    return document
 
 
 def encode(document: Mapping[str, Any]) -> bytes:

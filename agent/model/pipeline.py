@@ -1,11 +1,12 @@
 """One stack from its files to what the agent will say about it: a result or an error.
 
-decode (stack.py) -> preprocess (preprocess.py) -> embed (TFLite) -> classify (ONNX) ->
-thresholds (bundle.py) -> the result document (messages.py). Nothing here writes to disk or
-the network: `analyse` returns an `Outcome` that the service records and then acts on, so
-the same code serves the agent, `hpa-edge predict` and the benchmark. `prepare` (decode and
-preprocess: OpenCV and numpy, which release the GIL) and `infer` are separate so the agent
-can decode the next stack on one core while the models run on the other.
+decode (`agent.stacks.stack`) -> preprocess (`agent.stacks.preprocess`) -> embed and classify
+(the bundle's runtimes) -> thresholds (`Bundle.labels_for`) -> the document (`messages`).
+Nothing here writes to disk or the network, and nothing here decides where files go: it
+returns an `Analysis` that the service records and then acts on, so the same code serves the
+agent, `hpa-edge predict` and the benchmark. `prepare` (decode and preprocess: OpenCV and
+numpy, which release the GIL) and `infer` are separate so the agent can decode the next
+stack on one core while the models run on the other.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ import numpy as np
 
 from agent.model import messages
 from agent.model.bundle import Bundle
-from agent.service.state import Message, Record, files_digest
-from agent.stacks.digest import file_sha256
+from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.image import Limits
 from agent.stacks.preprocess import Preprocessing, preprocess
 from agent.stacks.stack import Stack, read_stack
 
+KINDS = ("result", "failed", "quarantined")
+
 
 @dataclass(frozen=True)
-class Outcome:
+class Analysis:
+    """What the agent says about one stack content with one bundle."""
+
     stack_id: str
-    outcome: str  # result | failed | quarantined
-    destination: str  # done | failed | quarantine
-    files_sha256: str
+    kind: str  # result | failed (unreadable) | quarantined (incomplete)
+    files_sha256: str  # the stack fingerprint (`agent.stacks.digest.stack_fingerprint`)
     document: dict[str, Any]  # the result or error document
     paths: Mapping[str, Path]
     started: float  # time.perf_counter() when analysis began
@@ -42,11 +45,6 @@ class Outcome:
     @property
     def msg_id(self) -> str:
         return str(self.document["msg_id"])
-
-    def record(self) -> Record:
-        kind = "results" if self.outcome == "result" else "errors"
-        message = Message(kind, self.msg_id, messages.encode(self.document))
-        return Record(self.stack_id, self.files_sha256, self.outcome, self.msg_id, (message,))
 
 
 @dataclass(frozen=True)
@@ -71,13 +69,13 @@ class Pipeline:
         self.preprocessing: Preprocessing = prep
         self.bundle_info = {"id": bundle.id, "sha256": bundle.sha256, "purpose": bundle.purpose}
 
-    def analyse(self, stack_id: str, paths: Mapping[str, Path]) -> Outcome:
-        """Read and classify one complete stack; any StackError becomes a `failed` outcome."""
+    def analyse(self, stack_id: str, paths: Mapping[str, Path]) -> Analysis:
+        """Read and classify one complete stack; any StackError becomes a `failed` analysis."""
         ready = self.prepare(stack_id, paths)
-        return ready if isinstance(ready, Outcome) else self.infer(ready)
+        return ready if isinstance(ready, Analysis) else self.infer(ready)
 
-    def prepare(self, stack_id: str, paths: Mapping[str, Path]) -> Prepared | Outcome:
-        """Decode and preprocess; a file that cannot be read gives the `failed` outcome."""
+    def prepare(self, stack_id: str, paths: Mapping[str, Path]) -> Prepared | Analysis:
+        """Decode and preprocess; a file that cannot be read gives the `failed` analysis."""
         started = time.perf_counter()
         try:
             for path in paths.values():
@@ -89,10 +87,10 @@ class Pipeline:
             decoded = time.perf_counter()
             image = preprocess(stack.channels, self.preprocessing)
         except StackError as exc:
-            return self.failure(stack_id, paths, exc, "failed", started)
+            return self.failure(stack_id, paths, exc, started=started)
         return Prepared(stack, image, started, decoded, time.perf_counter())
 
-    def infer(self, ready: Prepared) -> Outcome:
+    def infer(self, ready: Prepared) -> Analysis:
         """Embed, classify, apply the thresholds and write the result document."""
         stack, started, decoded, prepared = ready.stack, ready.started, ready.decoded, ready.prepared
         stack_id = stack.stack_id
@@ -101,9 +99,9 @@ class Pipeline:
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]
         done = time.perf_counter()
-        digest = files_digest(stack.sha256)
+        fingerprint = stack_fingerprint(stack.sha256)
         document = messages.result_document(
-            msg_id=messages.msg_id(self.instrument, stack_id, digest, self.bundle.sha256),
+            msg_id=messages.msg_id(self.instrument, stack_id, fingerprint, self.bundle.sha256),
             instrument=self.instrument,
             stack_id=stack_id,
             files=messages.files_entry({c: p.name for c, p in stack.paths.items()}, stack.sha256),
@@ -118,32 +116,30 @@ class Pipeline:
                 "total": (done - started) * 1e3,
             },
         )
-        return Outcome(stack_id, "result", "done", digest, document, dict(stack.paths), started)
+        return Analysis(stack_id, "result", fingerprint, document, dict(stack.paths), started)
 
     def failure(
         self,
         stack_id: str,
         paths: Mapping[str, Path],
         error: StackError,
-        destination: str,
+        kind: str = "failed",
         started: float | None = None,
-    ) -> Outcome:
-        """The error outcome of a stack: failed (unreadable) or quarantine (incomplete)."""
+    ) -> Analysis:
+        """The error analysis of a stack: `failed` (unreadable) or `quarantined` (incomplete)."""
+        if kind not in KINDS[1:]:
+            raise ValueError(f"an error is failed or quarantined, not {kind!r}")
         sha256 = {channel: _hash_or_blank(Path(path)) for channel, path in paths.items()}
-        digest = files_digest(sha256)
-        kind = "failed" if destination == "failed" else "quarantined"
+        fingerprint = stack_fingerprint(sha256)
         document = messages.error_document(
-            msg_id=messages.msg_id(self.instrument, stack_id, digest, self.bundle.sha256, kind="error"),
+            msg_id=messages.msg_id(self.instrument, stack_id, fingerprint, self.bundle.sha256, kind="error"),
             instrument=self.instrument,
             stack_id=stack_id,
             code=error.code,
             message=str(error),
             files=messages.files_entry({c: Path(p).name for c, p in paths.items()}, sha256),
-            moved_to=destination,
         )
-        return Outcome(
-            stack_id, kind, destination, digest, document, dict(paths), started or time.perf_counter()
-        )
+        return Analysis(stack_id, kind, fingerprint, document, dict(paths), started or time.perf_counter())
 
 
 def _hash_or_blank(path: Path) -> str:

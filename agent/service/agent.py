@@ -1,47 +1,51 @@
 """The agent: watch the folder, analyse complete stacks, record, move files, publish.
 
-One process, three threads: this loop (look at the folder, analyse, record, move), the
-watchdog observer (events that wake the loop early) and the publisher (owns the MQTT client).
-The order for every batch of ready stacks is fixed, and is what makes "nothing lost" hold:
-  analyse -> one transaction: ledger rows + outbox rows -> move/delete the files -> kick the publisher.
+One process, a few threads: this loop (look at the folder, analyse, record, dispose), the
+decode threads (the next stacks, while the models run), the watchdog observer (events that
+wake the loop early) and the drainer (owns the outbox's sending side and the MQTT client).
+Every stack moves through the lifecycle book (`lifecycle`), and the order is fixed, which is
+what makes "nothing lost" hold:
+  analyse -> one transaction: ledger rows + outbox rows -> move/delete the files -> publish.
 A crash before the commit redoes the stacks; after it, the ledger recognises them and only
 the file moves are redone. A stack that cannot be read goes to failed/ with
 `<id>.error.json`; one still incomplete after `watch.incomplete_timeout` goes to quarantine/.
+
+The collaborators each do one job: `Tracker` (when files are written), `StackBook` (where
+every stack stands), `Decoder` (decode ahead), `Pipeline` (one stack -> an analysis),
+`Recorder` (the transaction), `Disposer` (the files), `Drainer` + `MqttSink` (the broker),
+`Stats` (counters). This class wires them and runs the loop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
+import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from agent.model import messages
-from agent.model.bundle import Bundle, load_bundle
-from agent.model.pipeline import Outcome, Pipeline, Prepared
+from agent.model.bundle import Bundle, BundleError, load_bundle
+from agent.model.pipeline import Analysis, Pipeline, Prepared
 from agent.service import log
 from agent.service.config import Config, is_set
-from agent.service.files import move_file, write_json
+from agent.service.decoding import Decoder
+from agent.service.disposal import Disposer
+from agent.service.drainer import Drainer, DrainSettings
+from agent.service.lifecycle import StackBook, StackLife
 from agent.service.notify import Notifier, Watchdog
-from agent.service.publisher import Publisher
+from agent.service.recorder import Recorder
+from agent.service.sinks.mqtt import MqttSink
 from agent.service.state import Ledger, StateError
+from agent.service.stats import Stats
 from agent.service.tracker import Entry, Tracker
 from agent.service.watcher import Watcher, list_folder
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
 
 STATE_RETRY_SECONDS = 5.0
-MOVE_RETRY_SECONDS = 10.0  # files that could not be moved are left alone this long
-DECODE_THREADS = 2  # on 2 cores: 110-115 stacks/s in a burst against 96 with one (hpa-edge bench --burst)
-DECODE_AHEAD = 3
+MOVE_RETRY_SECONDS = 10.0  # a stack whose files could not be moved is left alone this long
 
 
 class StartError(RuntimeError):
@@ -64,38 +68,26 @@ class Agent:
         self.clock = clock
         self.stop_event = threading.Event()
         self.tracker = Tracker(config.naming(), config.watch.settle_seconds, config.watch.incomplete_timeout)
-        self.counts = {"processed": 0, "failed": 0, "quarantined": 0, "duplicates": 0}
-        self.latencies: deque[float] = deque(maxlen=1000)
-        self.waiting = 0
-        self.started_at = time.time()
-        self._left: dict[str, Entry] = {}  # files.after = "leave": handled files and how they looked
-        self._held: dict[str, float] = {}  # files whose move failed -> when to try again
+        self.book = StackBook()
+        self.disposer = Disposer(config, lister)
+        self.stats = Stats(self.instrument)
         self._bundle = bundle
+        self._delivered: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
         self.pipeline: Pipeline | None = None
-        self.ledger: Ledger | None = None
-        self.publisher: Publisher | None = None
+        self.recorder: Recorder | None = None
+        self.drainer: Drainer | None = None
         self.watcher: Watcher | None = None
+        self.decoder: Decoder | None = None
         self.notifier = notifier or Notifier()
         self.watchdog: Watchdog | None = None
-        self.decoder: ThreadPoolExecutor | None = None  # decodes the next stacks while the models run
         self.heartbeat = time.monotonic()  # last turn of the loop: the systemd watchdog's sign of progress
 
     # Start and stop ---------------------------------------------------------------------
     def start(self) -> None:
         """Everything that can fail is checked here, before the first stack is touched."""
-        from agent.model.bundle import BundleError
-
         if not self.folder.is_dir():
             raise StartError(f"watch.folder {self.folder} does not exist or is not a folder")
-        secret = self.config.mqtt.password_file
-        if is_set(secret) and secret.stat().st_mode & 0o077:
-            log.event(
-                "password_file_readable",
-                "warning",
-                path=secret,
-                mode=oct(secret.stat().st_mode & 0o777),
-                advice="chmod 600 and owned by the agent's user",
-            )
+        self._warn_if_password_readable()
         for name in ("done", "failed", "quarantine"):
             try:
                 self.config.folder(name).mkdir(parents=True, exist_ok=True)
@@ -110,13 +102,14 @@ class Agent:
             except BundleError as exc:
                 raise StartError(f"bundle refused: {exc}") from None
         self.pipeline = Pipeline(bundle, self.instrument, self.config.limits(), self.config.stack.bits)
-        self.decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+        self.stats.purpose = bundle.purpose
+        self.decoder = Decoder()
         try:
-            self.ledger = Ledger(self.config.state.database)
+            self.recorder = Recorder(Ledger(self.config.state.database))
         except StateError as exc:
             raise StartError(str(exc)) from None
-        self.publisher = Publisher(self.config, stats=self.stats)
-        self.publisher.start()
+        self.drainer = self._drainer(self.stats)
+        self.drainer.start()
         self.watcher = Watcher(self.folder, self.config.watch.observer)
         mode = self.watcher.start()
         golden = bundle.golden
@@ -142,6 +135,37 @@ class Agent:
                 message="demonstration bundle trained on synthetic data: results are marked purpose=demo",
             )
 
+    def _drainer(self, stats: Stats) -> Drainer:
+        mqtt = self.config.mqtt
+        sink = MqttSink(
+            self.config.broker(), self.config.client_id, self.config.topic_prefix, mqtt.max_inflight
+        )
+        settings = DrainSettings(
+            max_inflight=mqtt.max_inflight,
+            reconnect_min=mqtt.reconnect_min,
+            reconnect_max=mqtt.reconnect_max,
+            stats_interval=mqtt.stats_interval,
+            flush_seconds=mqtt.flush_seconds,
+        )
+        return Drainer(
+            self.config.state.database,
+            sink,
+            settings,
+            stats=stats.document,
+            on_delivered=lambda msg_id, at: self._delivered.put((msg_id, at)),
+        )
+
+    def _warn_if_password_readable(self) -> None:
+        secret = self.config.mqtt.password_file
+        if is_set(secret) and secret.stat().st_mode & 0o077:
+            log.event(
+                "password_file_readable",
+                "warning",
+                path=secret,
+                mode=oct(secret.stat().st_mode & 0o777),
+                advice="chmod 600 and owned by the agent's user",
+            )
+
     def request_stop(self) -> None:
         self.stop_event.set()
         if self.watcher is not None:
@@ -153,18 +177,19 @@ class Agent:
             self.watchdog.stop()
         if self.watcher is not None:
             self.watcher.stop()
-        if self.publisher is not None:
-            self.publisher.shutdown(flush_seconds)
-        if self.ledger is not None:
-            self.ledger.close()
+        if self.drainer is not None:
+            self.drainer.shutdown(flush_seconds)
+        if self.recorder is not None:
+            self.recorder.ledger.close()
         if self.decoder is not None:
-            self.decoder.shutdown(wait=True)
+            self.decoder.close()
+        counts = self.stats.counts
         log.event(
             "agent_stopped",
-            processed=self.counts["processed"],
-            failed=self.counts["failed"],
-            quarantined=self.counts["quarantined"],
-            duplicates=self.counts["duplicates"],
+            processed=counts["processed"],
+            failed=counts["failed"],
+            quarantined=counts["quarantined"],
+            duplicates=counts["duplicates"],
         )
 
     # The loop ---------------------------------------------------------------------------
@@ -179,16 +204,17 @@ class Agent:
             if self.step():
                 continue  # a full batch: more may be ready, look again at once
             # Every look is a full listing; events only bring the next one forward.
-            polling = self.watcher.mode == "polling" or self.waiting
+            polling = self.watcher.mode == "polling" or self.book.waiting
             wait = self.config.watch.poll_interval if polling else self.config.watch.rescan_interval
             self.watcher.wake.wait(min(wait, longest))
             self.watcher.wake.clear()
-            if self.publisher is not None and self.publisher.failure is not None:
-                raise RuntimeError(f"publisher thread failed: {self.publisher.failure!r}")
+            if self.drainer is not None and self.drainer.failure is not None:
+                raise RuntimeError(f"publisher thread failed: {self.drainer.failure!r}")
 
     def step(self) -> bool:
         """One look at the folder; True when a full batch was handled (so look again soon)."""
         now = self.clock()
+        self._take_deliveries()
         if self.watcher is not None:
             for name, kind, at in self.watcher.drain():
                 self.tracker.note(name, kind, at)
@@ -197,66 +223,63 @@ class Agent:
         except OSError as exc:
             log.event("folder_unreadable", "error", folder=self.folder, error=exc.strerror or exc)
             return False
-        for name, entry in list(self._left.items()):
-            if listing.get(name) == entry:
-                del listing[name]
-            elif name not in listing:
-                del self._left[name]
-        for name, until in list(self._held.items()):
-            if now < until:
-                listing.pop(name, None)
-            else:
-                del self._held[name]
+        for name in self.book.hidden(listing):
+            listing.pop(name, None)
         look = self.tracker.look(listing, now)
-        self.waiting = look.waiting + len(look.ready)
-        outcomes = [self._quarantine(stack_id, names) for stack_id, names in look.overdue.items()]
-        outcomes += [self._unsafe_name(name, channel) for name, channel in look.unsafe.items()]
-        ready = sorted(look.ready.items())[: self.config.state.batch]
-        for item in self._decoded(ready):
-            outcomes.append(self._infer(item) if isinstance(item, Prepared) else item)
-        if not outcomes:
-            return False
-        self._commit_and_dispose(outcomes)
+        self.book.observe(look, now)
+        for stack_id, names in look.overdue.items():
+            if self.book.accepts(stack_id):  # not while an earlier stack of that id is still in hand
+                self.book.analysed(stack_id, names, self._quarantine(stack_id, names))
+        for name, channel in look.unsafe.items():
+            stack_id, analysis = self._unsafe_name(name, channel)
+            if self.book.accepts(stack_id):
+                self.book.analysed(stack_id, {channel: name}, analysis)
+        ready = self.book.ready(self.config.state.batch)
+        self._analyse(ready)
+        self._record()
+        self._dispose(self.clock())
+        self.stats.waiting = self.book.waiting
         return len(ready) == self.config.state.batch
+
+    def _take_deliveries(self) -> None:
+        """Acknowledgements the drainer reported since the last look."""
+        while True:
+            try:
+                msg_id, at = self._delivered.get_nowait()
+            except queue.Empty:
+                return
+            seconds = self.book.published(msg_id, at)
+            if seconds is not None:
+                self.stats.delivered(seconds)
+
+    # Analysis ---------------------------------------------------------------------------
+    def _analyse(self, ready: list[StackLife]) -> None:
+        assert self.decoder is not None
+        for life, prepared in self.decoder.map(self._prepare, ready):
+            analysis = self._infer(prepared) if isinstance(prepared, Prepared) else prepared
+            self.book.analysed(life.stack_id, life.names, analysis)
 
     def _paths(self, names: Mapping[str, str]) -> dict[str, Path]:
         return {channel: self.folder / name for channel, name in names.items()}
 
-    def _decoded(self, ready: list[tuple[str, dict[str, str]]]) -> Iterator[Prepared | Outcome]:
-        """Stacks decoded by the decode threads at most DECODE_AHEAD ahead of the models, in order.
-
-        Decoding (OpenCV, numpy: the GIL is released) is the longest stage; running it beside
-        the models keeps both cores busy, and the bound keeps only a few decoded stacks in memory.
-        """
-        assert self.decoder is not None
-        pending: deque[Future[Prepared | Outcome]] = deque()
-        waiting = iter(ready)
-        for stack_id, names in itertools.islice(waiting, DECODE_AHEAD):
-            pending.append(self.decoder.submit(self._prepare, stack_id, names))
-        while pending:
-            done = pending.popleft().result()
-            following = next(waiting, None)
-            if following is not None:
-                pending.append(self.decoder.submit(self._prepare, *following))
-            yield done
-
-    def _prepare(self, stack_id: str, names: Mapping[str, str]) -> Prepared | Outcome:
+    def _prepare(self, life: StackLife) -> Prepared | Analysis:
         assert self.pipeline is not None
+        paths = self._paths(life.names)
         try:
-            return self.pipeline.prepare(stack_id, self._paths(names))
+            return self.pipeline.prepare(life.stack_id, paths)
         except Exception as exc:  # one stack must not stop the agent, whatever it holds
             error = StackError("decode_failed", f"reading failed unexpectedly: {exc!r}")
-            return self.pipeline.failure(stack_id, self._paths(names), error, "failed")
+            return self.pipeline.failure(life.stack_id, paths, error)
 
-    def _infer(self, ready: Prepared) -> Outcome:
+    def _infer(self, ready: Prepared) -> Analysis:
         assert self.pipeline is not None
         try:
             return self.pipeline.infer(ready)
         except Exception as exc:  # a model or runtime failure on one stack must not stop the agent
             error = StackError("inference_failed", f"analysis failed: {exc!r}")
-            return self.pipeline.failure(ready.stack.stack_id, ready.stack.paths, error, "failed")
+            return self.pipeline.failure(ready.stack.stack_id, ready.stack.paths, error)
 
-    def _quarantine(self, stack_id: str, names: Mapping[str, str]) -> Outcome:
+    def _quarantine(self, stack_id: str, names: Mapping[str, str]) -> Analysis:
         assert self.pipeline is not None
         missing = [c for c in CHANNELS if c not in names]
         reason = f"lacks channel(s) {', '.join(missing)}" if missing else "channel files still being written"
@@ -265,99 +288,101 @@ class Agent:
             f"stack {stack_id!r} {reason} after {self.config.watch.incomplete_timeout:g} s",
             self.folder,
         )
-        return self.pipeline.failure(stack_id, self._paths(names), error, "quarantine")
+        return self.pipeline.failure(stack_id, self._paths(names), error, kind="quarantined")
 
-    def _unsafe_name(self, name: str, channel: str) -> Outcome:
+    def _unsafe_name(self, name: str, channel: str) -> tuple[str, Analysis]:
         """A channel file whose name cannot give a stack id: moved to failed/ under its own name."""
         assert self.pipeline is not None
-        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        stack_id = f"unsafe-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
         error = StackError(
             "unsafe_name",
             f"file name {name!r} cannot name a stack (only letters, digits and ._+=@,- are allowed in ids)",
             self.folder,
         )
-        return self.pipeline.failure(f"unsafe-{digest}", {channel: self.folder / name}, error, "failed")
+        return stack_id, self.pipeline.failure(stack_id, {channel: self.folder / name}, error)
 
-    def _commit_and_dispose(self, outcomes: list[Outcome]) -> None:
-        assert self.ledger is not None
-        new: list[Outcome] = []
-        duplicates: list[Outcome] = []
-        for outcome in outcomes:
-            seen = self.ledger.outcome(outcome.stack_id, outcome.files_sha256)
-            (duplicates if seen is not None else new).append(outcome)
+    # Recording --------------------------------------------------------------------------
+    def _record(self) -> None:
+        """One transaction for the batch's new answers; stacks the ledger knows are not written twice."""
+        assert self.recorder is not None
+        lives = self.book.to_record()
+        if not lives:
+            return
+        known = {life.stack_id for life in lives if self.recorder.known(self._analysis(life))}
+        new = [life for life in lives if life.stack_id not in known]
         try:
-            self.ledger.record([outcome.record() for outcome in new])
+            self.recorder.commit([self._analysis(life) for life in new])
         except StateError as exc:
             log.event("state_write_failed", "error", error=exc, stacks=len(new), retry_s=STATE_RETRY_SECONDS)
-            self.stop_event.wait(STATE_RETRY_SECONDS)  # files stay where they are; retried next look
+            for life in lives:
+                self.book.record_failed(life.stack_id)  # files stay where they are; seen afresh later
+            self.stop_event.wait(STATE_RETRY_SECONDS)
             return
-        if self.publisher is not None and new:
-            self.publisher.kick()
-        for outcome in new:
-            self._report(outcome)
-            self._dispose(outcome)
-        for outcome in duplicates:
-            self.counts["duplicates"] += 1
-            log.event(
-                "stack_duplicate",
-                stack=outcome.stack_id,
-                msg_id=outcome.msg_id,
-                files=outcome.files_sha256[:16],
-            )
-            self._dispose(outcome)
+        if self.drainer is not None and new:
+            self.drainer.kick()
+        for life in new:
+            self.book.recorded(life.stack_id)
+            self._report(self._analysis(life))
+        for life in lives:
+            if life.stack_id in known:
+                self.book.recorded(life.stack_id, duplicate=True)
+                self.stats.count("duplicates")
+                analysis = self._analysis(life)
+                log.event(
+                    "stack_duplicate",
+                    stack=life.stack_id,
+                    msg_id=analysis.msg_id,
+                    files=analysis.files_sha256[:16],
+                )
 
-    def _report(self, outcome: Outcome) -> None:
-        document = outcome.document
-        if outcome.outcome == "result":
-            self.counts["processed"] += 1
-            self.latencies.append(float(document["total_ms"]))
+    @staticmethod
+    def _analysis(life: StackLife) -> Analysis:
+        assert life.analysis is not None
+        return life.analysis
+
+    def _report(self, analysis: Analysis) -> None:
+        document = analysis.document
+        if analysis.kind == "result":
+            self.stats.count("processed", float(document["total_ms"]))
             log.event(
                 "stack_done",
-                stack=outcome.stack_id,
+                stack=analysis.stack_id,
                 labels="|".join(document["labels"]) or "-",
                 ms=document["total_ms"],
-                msg_id=outcome.msg_id,
+                msg_id=analysis.msg_id,
             )
         else:
-            self.counts[outcome.outcome] += 1
+            self.stats.count(analysis.kind)
             log.event(
-                f"stack_{outcome.outcome}",
+                f"stack_{analysis.kind}",
                 "error",
-                stack=outcome.stack_id,
+                stack=analysis.stack_id,
                 code=document["code"],
                 message=document["message"],
-                msg_id=outcome.msg_id,
+                msg_id=analysis.msg_id,
             )
 
-    def _dispose(self, outcome: Outcome) -> None:
-        """Move, delete or leave the files; a failure leaves them for the next look to retry."""
-        names = [path.name for path in outcome.paths.values()]
-        after = self.config.files.after if outcome.destination == "done" else "move"
-        target = self.config.folder(outcome.destination)
-        try:
-            if outcome.destination != "done":
-                write_json(target / f"{outcome.stack_id}.error.json", outcome.document)
-            for path in outcome.paths.values():
-                if after == "move":
-                    move_file(path, target)
-                elif after == "delete":
-                    path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.event(
-                "move_failed",
-                "error",
-                stack=outcome.stack_id,
-                target=target,
-                error=exc.strerror or exc,
-                retry_s=MOVE_RETRY_SECONDS,
-            )
-            self.tracker.forget(names)  # seen afresh after the pause: the ledger then knows it
-            self._held.update({name: self.clock() + MOVE_RETRY_SECONDS for name in names})
-            return
-        if after == "leave":
-            listing = self.lister(self.folder)
-            self._left.update({name: listing[name] for name in names if name in listing})
-        self.tracker.forget(names)
+    # Disposal ---------------------------------------------------------------------------
+    def _dispose(self, now: float) -> None:
+        """Move, delete or leave the files of recorded stacks; a failure is retried after a pause."""
+        for life in self.book.to_dispose(now):
+            disposal = self.disposer.dispose(self._analysis(life), life.names)
+            if disposal.error is not None:
+                exc = disposal.error
+                log.event(
+                    "move_failed",
+                    "error",
+                    stack=life.stack_id,
+                    target=disposal.target,
+                    error=exc.strerror or exc,
+                    retry_s=MOVE_RETRY_SECONDS,
+                )
+                self.book.dispose_failed(life.stack_id, now + MOVE_RETRY_SECONDS)
+                continue
+            self.tracker.forget(life.names.values())
+            seconds = self.book.disposed(life.stack_id, now, disposal.left)
+            if seconds is not None:
+                self.stats.delivered(seconds)
 
     # Health -----------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -365,43 +390,10 @@ class Agent:
         interval = self.notifier.watchdog_interval or float("inf")
         now = time.monotonic()
         loop_ok = now - self.heartbeat < interval / 2
-        publisher_ok = self.publisher is None or (
-            self.publisher.is_alive() and now - self.publisher.beat < interval / 2
+        drainer_ok = self.drainer is None or (
+            self.drainer.is_alive() and now - self.drainer.beat < interval / 2
         )
-        return loop_ok and publisher_ok
+        return loop_ok and drainer_ok
 
     def status_line(self) -> str:
-        """One line for `systemctl status`."""
-        mqtt = "connected" if self.publisher is not None and self.publisher.connected else "not connected"
-        return (
-            f"processed {self.counts['processed']}, failed {self.counts['failed']}, "
-            f"quarantined {self.counts['quarantined']}, waiting {self.waiting}; MQTT {mqtt}"
-        )
-
-    # Stats ------------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
-        """The stats document (called from the publisher thread: reads counters only)."""
-        latencies = np.asarray(self.latencies, dtype=np.float64)
-        publisher = self.publisher
-        depth = publisher.outbox_depth() if publisher is not None else {"pending": 0, "rejected": 0}
-        assert self.pipeline is not None
-        return {
-            "schema_version": messages.MESSAGE_SCHEMA_VERSION,
-            "kind": "stats",
-            "instrument": self.instrument,
-            "time": messages.utc_now(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            **self.counts,
-            "waiting_stacks": self.waiting,
-            "outbox_pending": depth["pending"],
-            "outbox_rejected": depth["rejected"],
-            "inflight": len(publisher.inflight) if publisher is not None else 0,
-            "latency_p50_ms": _percentile(latencies, 50),
-            "latency_p95_ms": _percentile(latencies, 95),
-            "latency_max_ms": _percentile(latencies, 100),
-            "purpose": self.pipeline.bundle.purpose,
-        }
-
-
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if len(values) else None
+        return self.stats.status_line(self.drainer is not None and self.drainer.connected)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.service.mqtt_client import Broker
 from agent.stacks.image import Limits
 from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 
@@ -136,6 +137,22 @@ class Config:
         if not is_set(self.mqtt.password_file):
             return None
         return self.mqtt.password_file.read_text(encoding="utf-8").strip()
+
+    def broker(self) -> Broker:
+        """The `[mqtt]` section as the client factory takes it (reads the password file)."""
+        m = self.mqtt
+        return Broker(
+            host=m.host,
+            port=m.port,
+            protocol=m.protocol,
+            username=m.username,
+            password=self.password() if m.username else None,
+            tls=m.tls,
+            ca_file=m.ca_file if is_set(m.ca_file) else None,
+            cert_file=m.cert_file if is_set(m.cert_file) else None,
+            key_file=m.key_file if is_set(m.key_file) else None,
+            keepalive=m.keepalive,
+        )
 
 
 SECTIONS: dict[str, type] = {

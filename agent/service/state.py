@@ -17,10 +17,9 @@ re-sends a message, which consumers de-duplicate by `msg_id`.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +70,6 @@ def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     except OSError as exc:
         raise StateError(f"{path}: cannot create the state folder: {exc.strerror or exc}") from None
     return db
-
-
-def files_digest(sha256: Mapping[str, str]) -> str:
-    """One hash for a stack's files: changes when any channel's bytes change."""
-    text = "\n".join(f"{channel}:{sha256[channel]}" for channel in sorted(sha256))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,13 @@ class _File:
 class Look:
     ready: dict[str, dict[str, str]] = field(default_factory=dict)  # stack id -> channel -> file name
     overdue: dict[str, dict[str, str]] = field(default_factory=dict)
-    waiting: int = 0  # stacks seen but not ready yet
+    pending: dict[str, dict[str, str]] = field(default_factory=dict)  # seen, neither ready nor overdue
     unsafe: dict[str, str] = field(default_factory=dict)  # written files with an unusable stack id -> channel
+
+    @property
+    def waiting(self) -> int:
+        """Stacks seen but not ready yet."""
+        return len(self.pending)
 
 
 class Tracker:
@@ -102,7 +107,7 @@ class Tracker:
             elif now - min(self.files[n].first_seen for n in channels.values()) >= self.timeout:
                 result.overdue[stack_id] = channels
             else:
-                result.waiting += 1
+                result.pending[stack_id] = channels
         return result
 
     def forget(self, names: Iterable[str]) -> None:

@@ -8,18 +8,17 @@ bundle's hash; the machine (CPU, cores, architecture; on a Raspberry Pi the boar
 and throttling). A JSON summary (`--json`), one CSV row per iteration (`--csv`), a table here.
 
 Extra measurements: `--broker HOST:PORT` adds the publish round trip (publish to receipt by
-a subscriber); `--compare --model DIR` (workstation, export extra) runs the float reference
-(Keras + scikit-learn, one stack at a time) on the same stacks and prints the ratios;
+a subscriber);
 `--burst N` drops N stacks at once into a folder watched by the real agent and reports how
 fast it drains; `--startup` times `hpa-edge run` from process start to systemd's READY=1.
-Runs with the device install only (no TensorFlow) unless --compare is given.
+Runs with the device install only (no TensorFlow). The comparison with the float reference
+(Keras + scikit-learn) is the workstation's `hpa-edge compare`, which reuses this loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import importlib.metadata
 import json
 import os
@@ -40,6 +39,7 @@ import numpy as np
 from agent.model.bundle import Bundle, load_bundle
 from agent.model.pipeline import Pipeline
 from agent.service import log
+from agent.service.recorder import record_of
 from agent.service.state import Ledger
 from agent.stacks.naming import NamingScheme
 from agent.stacks.stack import find_stacks
@@ -64,11 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--csv", type=Path, help="write one row per iteration here")
     parser.add_argument("--broker", help="HOST:PORT: also time publish -> receipt by a subscriber")
-    parser.add_argument("--compare", action="store_true", help="also run the float reference (export extra)")
-    parser.add_argument("--model", type=Path, help="with --compare: the model folder from hpa-edge train")
-    parser.add_argument(
-        "--compare-runs", type=int, default=30, help="float reference iterations (default 30)"
-    )
     parser.add_argument(
         "--burst", type=int, metavar="N", help="also drop N stacks at once into the real agent"
     )
@@ -234,7 +229,7 @@ def pipeline_loop(
     source = cycle(stacks)
     for _ in range(args.warmup):
         stack_id, paths = next(source)
-        ledger.record([pipeline.analyse(stack_id, paths).record()])
+        ledger.record([record_of(pipeline.analyse(stack_id, paths))])
     rows: list[dict[str, Any]] = []
     runs = args.runs or (None if args.seconds else 200)
     deadline = time.perf_counter() + args.seconds if args.seconds else float("inf")
@@ -242,12 +237,13 @@ def pipeline_loop(
     while (runs is None or len(rows) < runs) and time.perf_counter() < deadline:
         stack_id, paths = next(source)
         start = time.perf_counter()
-        outcome = pipeline.analyse(stack_id, paths)
+        analysis = pipeline.analyse(stack_id, paths)
         committed = time.perf_counter()
-        ledger.record([outcome.record()])
+        record = record_of(analysis)
+        ledger.record([record])
         end = time.perf_counter()
-        doc = outcome.document
-        if outcome.outcome != "result":
+        doc = analysis.document
+        if analysis.kind != "result":
             raise SystemExit(f"bench: {stack_id} failed: {doc.get('message')}")
         row = {"iteration": len(rows), "stack": stack_id}
         for stage in ("decode", "preprocess", "embed", "classify"):
@@ -255,57 +251,13 @@ def pipeline_loop(
         row["commit"] = round((end - committed) * 1e3, 4)
         row["end_to_end"] = round((end - start) * 1e3, 4)
         if trip is not None:
-            row["publish_rtt"] = round(trip.time(outcome.record().messages[0].payload), 4)
+            row["publish_rtt"] = round(trip.time(record.messages[0].payload), 4)
         rows.append(row)
     wall = time.perf_counter() - wall
     ledger.close()
     if trip is not None:
         trip.close()
     return rows, wall
-
-
-def compare(
-    args: argparse.Namespace, pipeline: Pipeline, stacks: Sequence[tuple[str, dict[str, Path]]]
-) -> dict[str, Any]:
-    """The float reference on the same stacks, one at a time (needs the export extra)."""
-    from agent.stacks.preprocess import preprocess
-    from agent.stacks.stack import read_stack
-
-    if args.model is None:
-        raise SystemExit("bench: --compare needs --model DIR (the folder hpa-edge train wrote)")
-    module = importlib.import_module("export.reference_pipeline")  # workstation only, by name
-    start = time.perf_counter()
-    reference = module.FloatReference(args.model)
-    init_s = time.perf_counter() - start
-    rows = []
-    source = cycle(stacks)
-    for _ in range(args.compare_runs):
-        stack_id, paths = next(source)
-        t0 = time.perf_counter()
-        stack = read_stack(stack_id, paths)
-        t1 = time.perf_counter()
-        image = preprocess(stack.channels, reference.preprocessing)
-        t2 = time.perf_counter()
-        embedding = reference.embed(image)
-        t3 = time.perf_counter()
-        reference.classify(embedding)
-        t4 = time.perf_counter()
-        rows.append(
-            {
-                "decode": (t1 - t0) * 1e3,
-                "preprocess": (t2 - t1) * 1e3,
-                "embed": (t3 - t2) * 1e3,
-                "classify": (t4 - t3) * 1e3,
-                "end_to_end": (t4 - t0) * 1e3,
-            }
-        )
-    return {
-        "init_s": round(init_s, 3),
-        "stages": {
-            s: summarise([r[s] for r in rows])
-            for s in ("decode", "preprocess", "embed", "classify", "end_to_end")
-        },
-    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -346,13 +298,6 @@ def run(args: argparse.Namespace) -> int:
             "stages_ms": {s: summarise([r[s] for r in rows]) for s in stage_names},
             "throughput_stacks_per_s": round(len(rows) / wall, 1),
         }
-        if args.compare:
-            reference = compare(args, pipeline, stacks)
-            ours, theirs = summary["stages_ms"], reference["stages"]
-            reference["ratio_p50"] = {
-                s: round(theirs[s]["p50"] / ours[s]["p50"], 1) for s in ("embed", "classify", "end_to_end")
-            }
-            summary["float_reference"] = reference
         if args.burst:
             result = burst(args, bundle, stacks, work)
             result["latency_ms"] = summarise(result.pop("latencies_ms"))
@@ -391,13 +336,6 @@ def report(summary: Mapping[str, Any]) -> None:
         f"throughput {summary['throughput_stacks_per_s']} stacks/s (one at a time); "
         f"peak RSS {summary['peak_rss_mb']} MB; threads {summary['threads']}"
     )
-    if "float_reference" in summary:
-        ref = summary["float_reference"]
-        print(f"float reference (Keras + scikit-learn, one stack at a time; init {ref['init_s']} s):")
-        print(table(ref["stages"]))
-        print(
-            "ratio reference / device at p50: " + ", ".join(f"{k} {v}x" for k, v in ref["ratio_p50"].items())
-        )
     if "burst" in summary:
         b = summary["burst"]
         print(

@@ -71,7 +71,7 @@ def burst(
         for staged, target in names:
             os.rename(staged, target)
         dropped = time.perf_counter()
-        while agent.counts["processed"] + agent.counts["failed"] < args.burst:
+        while agent.stats.counts["processed"] + agent.stats.counts["failed"] < args.burst:
             time.sleep(0.01)
             if time.perf_counter() - start > 600:
                 raise SystemExit("bench: the burst did not drain within 10 minutes")
@@ -85,8 +85,8 @@ def burst(
         "drop_s": round(dropped - start, 3),
         "drain_s": round(drained - start, 3),
         "stacks_per_s": round(args.burst / (drained - start), 1),
-        "failed": agent.counts["failed"],
-        "latencies_ms": list(agent.latencies),
+        "failed": agent.stats.counts["failed"],
+        "latencies_ms": agent.stats.compute_latencies(),
     }
 
 

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = pipeline.failure(stack_id, paths, error, "failed")
         else:
             outcome = pipeline.analyse(stack_id, paths)
-        if outcome.outcome == "result":
+        if outcome.kind == "result":
             sys.stdout.write(encode(outcome.document).decode() + "\n")
         else:
             failures += 1

@@ -1,0 +1,36 @@
+"""Answers recorded before anything else happens: ledger rows and outbox rows in one transaction.
+
+A stack's files leave the folder only after this commit, so a crash at any point either
+redoes a stack or finds it in the ledger (see `state`). The ledger also recognises a stack
+it answered before (same id, same file contents): that one is disposed of again, and its
+message, already in the outbox or delivered, is not written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.model import messages
+from agent.model.pipeline import Analysis
+from agent.service.disposal import document_of
+from agent.service.state import Ledger, Message, Record
+
+
+def record_of(analysis: Analysis) -> Record:
+    """The ledger row and outbox message of one analysis."""
+    topic = "results" if analysis.kind == "result" else "errors"
+    message = Message(topic, analysis.msg_id, messages.encode(document_of(analysis)))
+    return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, (message,))
+
+
+class Recorder:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def known(self, analysis: Analysis) -> bool:
+        """The ledger already holds this exact stack content."""
+        return self.ledger.outcome(analysis.stack_id, analysis.files_sha256) is not None
+
+    def commit(self, analyses: Sequence[Analysis]) -> None:
+        """Record the new analyses together, or nothing (StateError)."""
+        self.ledger.record([record_of(analysis) for analysis in analyses])

@@ -1,0 +1,137 @@
+"""The MQTT sink: sends outbox rows to a broker with QoS 1 and reports each PUBACK.
+
+A fresh paho client per connection (paho would otherwise replay unacknowledged messages from
+memory; the outbox on disk is the only backlog). After each connect it publishes `status`
+"online" (retained), with "offline" as the last will; `close(goodbye=True)` publishes
+"offline" itself, because the broker sends the will only when a link is lost. When the broker
+accepts a result, the same payload goes to `latest` (retained), so `latest` only ever shows
+results the broker took.
+
+Answers: a success PUBACK is ACCEPTED. Under MQTT 5 a failure reason code is REJECTED, except
+the codes that describe a passing condition (quota exceeded, packet id in use), which are
+RETRY. A 3.1.1 broker acknowledges refused messages as if delivered: nothing to report.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from agent.model import messages
+from agent.service import log
+from agent.service.mqtt_client import Broker, Will, make_client
+from agent.service.outbox import Row
+from agent.service.sinks import Answer, SinkUnavailableError, Verdict
+
+# MQTT 5 PUBACK reason codes that say "not now" rather than "never".
+TRANSIENT_CODES = frozenset({0x91, 0x97})  # packet identifier in use, quota exceeded
+
+
+class MqttSink:
+    def __init__(self, broker: Broker, client_id: str, prefix: str, max_inflight: int) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.prefix = prefix
+        self.max_inflight = max_inflight
+        self.connected = False
+        self._client: Any = None
+        self._answers: list[Answer] = []
+        self._results: dict[int, bytes] = {}  # mid -> payload of a results row in flight
+
+    @property
+    def name(self) -> str:
+        return f"mqtt://{self.broker.address}"
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None and self.connected
+
+    def connect(self) -> None:
+        client = make_client(
+            self.broker,
+            client_id=self.client_id,
+            will=Will(messages.topic(self.prefix, "status"), messages.OFFLINE),
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(self.max_inflight * 2 + 2)  # results + latest
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        try:
+            client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+        except (OSError, ssl.SSLError) as exc:
+            raise SinkUnavailableError(str(exc) or repr(exc)) from None
+        self._client = client
+
+    def send(self, row: Row) -> int | None:
+        import paho.mqtt.client as mqtt
+
+        info = self._client.publish(messages.topic(self.prefix, row.kind), row.payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        if row.kind == "results":
+            self._results[info.mid] = row.payload
+        return int(info.mid)
+
+    def poll(self, timeout: float) -> list[Answer]:
+        import paho.mqtt.client as mqtt
+
+        if self._client is None:
+            raise SinkUnavailableError("not connected")
+        rc = self._client.loop(timeout=timeout)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._drop()
+            raise SinkUnavailableError(mqtt.error_string(rc))
+        answers, self._answers = self._answers, []
+        return answers
+
+    def send_stats(self, payload: bytes) -> None:
+        if self.ready:
+            self._client.publish(messages.topic(self.prefix, "stats"), payload, qos=0)
+
+    def close(self, goodbye: bool) -> None:
+        if goodbye and self.ready:
+            self._goodbye()
+        self._drop()
+
+    # paho callbacks (run inside poll, on the drainer's thread) ----------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.event("mqtt_refused", "error", broker=self.broker.address, reason=str(reason))
+            return  # the broker closes the link; poll() then reports it and the drainer backs off
+        self.connected = True
+        client.publish(messages.topic(self.prefix, "status"), messages.ONLINE, qos=1, retain=True)
+        log.event("mqtt_connected", broker=self.broker.address, protocol=self.broker.protocol)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        payload = self._results.pop(mid, None)
+        if reason.is_failure:
+            verdict = Verdict.RETRY if reason.value in TRANSIENT_CODES else Verdict.REJECTED
+            self._answers.append(Answer(mid, verdict, str(reason)))
+            return
+        self._answers.append(Answer(mid, Verdict.ACCEPTED))
+        if payload is not None:  # latest = the newest result the broker accepted
+            client.publish(messages.topic(self.prefix, "latest"), payload, qos=1, retain=True)
+
+    def _goodbye(self) -> None:
+        info = self._client.publish(
+            messages.topic(self.prefix, "status"), messages.OFFLINE, qos=1, retain=True
+        )
+        import time
+
+        deadline = time.monotonic() + 2.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if self._client.loop(timeout=0.05) != 0:
+                break
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.disconnect()
+                self._client.loop(timeout=0.01)
+            except Exception:
+                pass
+            self._client = None
+        self.connected = False
+        self._results.clear()
+        self._answers.clear()
