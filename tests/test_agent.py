@@ -266,3 +266,33 @@ def test_a_symlinked_channel_is_refused_and_its_target_untouched(
     assert error["code"] == "symlink"
     assert (config.folder("failed") / "link_yellow.png").is_symlink()
     assert outside.read_bytes() == files["yellow"].read_bytes()
+
+
+def test_a_stack_half_moved_when_a_move_fails_is_finished_later_not_quarantined(
+    tmp_path, broker, subscriber, demo_bundle
+):
+    """The first file reaches done/, the second move fails: the rest follow at the retry, no false error."""
+    from agent.service.files import move_file
+    from tests.helpers import write_stack
+
+    config = config_for(tmp_path, broker.port, {"watch": {"incomplete_timeout": 1.0}})
+    calls: list[Path] = []
+
+    def full_after_one(source: Path, folder: Path) -> Path:
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return move_file(source, folder)
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    files = write_stack(staging, "half", size=(128, 128))
+    with running(config, demo_bundle) as agent:
+        agent.disposer.move = full_after_one
+        agent.move_retry = 1.5  # longer than incomplete_timeout: the waiting files must not look incomplete
+        drop(files, config.watch.folder, "half")
+        assert subscriber.wait_for(lambda: len(list(config.folder("done").glob("half_*"))) == 4, 20)
+    assert len(results(subscriber)) == 1
+    assert not subscriber.on("errors")
+    assert not list(config.folder("quarantine").iterdir())
+    assert len(calls) == 5  # one moved, one failed, then the three still in the folder

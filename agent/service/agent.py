@@ -70,6 +70,7 @@ class Agent:
         self.tracker = Tracker(config.naming(), config.watch.settle_seconds, config.watch.incomplete_timeout)
         self.book = StackBook()
         self.disposer = Disposer(config, lister)
+        self.move_retry = MOVE_RETRY_SECONDS
         self.stats = Stats(self.instrument)
         self._bundle = bundle
         self._delivered: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
@@ -375,9 +376,9 @@ class Agent:
                     stack=life.stack_id,
                     target=disposal.target,
                     error=exc.strerror or exc,
-                    retry_s=MOVE_RETRY_SECONDS,
+                    retry_s=self.move_retry,
                 )
-                self.book.dispose_failed(life.stack_id, now + MOVE_RETRY_SECONDS)
+                self.book.dispose_failed(life.stack_id, now + self.move_retry)
                 continue
             self.tracker.forget(life.names.values())
             seconds = self.book.disposed(life.stack_id, now, disposal.left)

@@ -47,10 +47,16 @@ class Disposal:
 
 
 class Disposer:
-    def __init__(self, config: Config, lister: Callable[[Path], Mapping[str, Entry]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        lister: Callable[[Path], Mapping[str, Entry]],
+        move: Callable[[Path, Path], Path] = move_file,
+    ) -> None:
         self.config = config
         self.folder = config.watch.folder
         self.lister = lister
+        self.move = move
 
     def dispose(self, analysis: Analysis, names: Mapping[str, str]) -> Disposal:
         """Move, delete or leave the files still in the folder; never raises OSError."""
@@ -65,7 +71,7 @@ class Disposer:
                 if not path.exists() and not path.is_symlink():
                     continue  # moved by an earlier attempt (or removed by someone else)
                 if after == "move":
-                    move_file(path, target)
+                    self.move(path, target)
                 elif after == "delete":
                     path.unlink(missing_ok=True)
         except OSError as exc:

@@ -67,7 +67,7 @@ class StackLife:
     analysis: Analysis | None = None
     duplicate: bool = False  # the ledger already held this exact content
     retry_at: float | None = None  # RECORDED after a failed disposal: not before this time
-    acknowledged: bool = False  # the broker took its message before the files were disposed
+    acknowledged_at: float | None = None  # the broker took its message before the files were disposed
 
     @property
     def msg_id(self) -> str:
@@ -192,8 +192,8 @@ class StackBook:
         if life.duplicate:  # answered before: the outbox alone owns its message
             self._end(life)
             return None
-        if life.acknowledged:
-            return self._published(life, now)
+        if life.acknowledged_at is not None:
+            return self._published(life, life.acknowledged_at)
         self.unpublished[life.msg_id] = life
         while len(self.unpublished) > self.keep_unpublished:
             _, oldest = self.unpublished.popitem(last=False)
@@ -207,14 +207,14 @@ class StackBook:
             return self._published(life, now)
         for candidate in self.lives.values():
             if candidate.phase == Phase.RECORDED and candidate.msg_id == msg_id:
-                candidate.acknowledged = True
+                candidate.acknowledged_at = now
         return None  # a message from before a restart, or one already let go
 
     # The table --------------------------------------------------------------------------
-    def _published(self, life: StackLife, now: float) -> float | None:
+    def _published(self, life: StackLife, acknowledged_at: float) -> float | None:
         self._move(life, Phase.PUBLISHED)
         self._end(life)
-        return None if life.complete_at is None else now - life.complete_at
+        return None if life.complete_at is None else acknowledged_at - life.complete_at
 
     def _get(self, stack_id: str) -> StackLife:
         try:

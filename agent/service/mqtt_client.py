@@ -80,10 +80,11 @@ def _text(path: Path | None) -> str | None:
 
 
 # Command-line tools ---------------------------------------------------------------------
-def add_broker_arguments(parser: argparse.ArgumentParser, default: str = "localhost:1883") -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser, default: str | None = "localhost:1883") -> None:
     """The broker options, named as in the agent's [mqtt] section: address, protocol, credentials, TLS."""
     group = parser.add_argument_group("broker")
-    group.add_argument("--broker", default=default, help=f"HOST[:PORT] (default {default})")
+    where = f"default {default}" if default else "none by default"
+    group.add_argument("--broker", default=default, help=f"HOST[:PORT] ({where})")
     group.add_argument("--protocol", choices=PROTOCOLS, default="5", help="MQTT version (default 5)")
     group.add_argument("--username", default="", help="broker user name")
     group.add_argument("--password-file", type=Path, help="file holding the broker password")

@@ -39,6 +39,7 @@ import numpy as np
 from agent.model.bundle import Bundle, load_bundle
 from agent.model.pipeline import Pipeline
 from agent.service import log
+from agent.service.mqtt_client import Broker, add_broker_arguments, broker_from_args, make_client
 from agent.service.recorder import record_of
 from agent.service.state import Ledger
 from agent.stacks.naming import NamingScheme
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="embedder threads (default 2)")
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--csv", type=Path, help="write one row per iteration here")
-    parser.add_argument("--broker", help="HOST:PORT: also time publish -> receipt by a subscriber")
+    add_broker_arguments(parser, default=None)  # --broker: also time publish -> receipt by a subscriber
     parser.add_argument(
         "--burst", type=int, metavar="N", help="also drop N stacks at once into the real agent"
     )
@@ -187,24 +188,20 @@ def collect(args: argparse.Namespace, work: Path) -> list[tuple[str, dict[str, P
 class RoundTrip:
     """A publisher and a subscriber on one broker: publish -> receipt, per message."""
 
-    def __init__(self, address: str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        host, _, port = address.rpartition(":")
+    def __init__(self, broker: Broker) -> None:
         self.topic = f"hpa-edge/bench-{os.getpid()}/results"
         self.arrived = threading.Event()
         self.subscribed = threading.Event()
-        self.sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.sub = make_client(broker)
         self.sub.on_connect = lambda c, u, f, r, p: c.subscribe(self.topic, qos=1)
         self.sub.on_subscribe = lambda *a: self.subscribed.set()
         self.sub.on_message = lambda c, u, m: self.arrived.set()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.pub = make_client(broker)
         for client in (self.sub, self.pub):
-            client.connect(host, int(port), keepalive=30)
+            client.connect(broker.host, broker.port, keepalive=broker.keepalive)
             client.loop_start()
         if not self.subscribed.wait(10):
-            raise SystemExit(f"bench: no subscription confirmed by {address}")
+            raise SystemExit(f"bench: no subscription confirmed by {broker.address}")
 
     def time(self, payload: bytes) -> float:
         self.arrived.clear()
@@ -225,7 +222,7 @@ def pipeline_loop(
 ) -> tuple[list[dict[str, Any]], float]:
     """Timed iterations of decode -> ... -> commit; returns per-iteration rows and wall seconds."""
     ledger = Ledger(work / "state.db")
-    trip = RoundTrip(args.broker) if args.broker else None
+    trip = RoundTrip(broker_from_args(args)) if args.broker else None
     source = cycle(stacks)
     for _ in range(args.warmup):
         stack_id, paths = next(source)

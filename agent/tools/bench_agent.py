@@ -41,13 +41,25 @@ def burst(
     """N stacks renamed into a watched folder at once; time until the agent has committed them all."""
     from agent.service.agent import Agent
     from agent.service.config import Config, FilesConfig, MqttConfig, StateConfig, WatchConfig
+    from agent.service.mqtt_client import broker_from_args
 
     incoming = work / "burst" / "incoming"
     incoming.mkdir(parents=True)
     names = stage_stacks(stacks, args.burst, work / "burst" / "staging", incoming)
     if args.broker:
-        host, _, port = args.broker.rpartition(":")
-        mqtt = MqttConfig(host=host, port=int(port), stats_interval=0.0)
+        broker = broker_from_args(args)
+        mqtt = MqttConfig(
+            host=broker.host,
+            port=broker.port,
+            protocol=broker.protocol,
+            username=broker.username,
+            password_file=args.password_file or Path(""),
+            tls=broker.tls,
+            ca_file=broker.ca_file or Path(""),
+            cert_file=broker.cert_file or Path(""),
+            key_file=broker.key_file or Path(""),
+            stats_interval=0.0,
+        )
     else:  # nobody listens: results wait in the outbox, as during an outage
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

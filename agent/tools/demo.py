@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.service.mqtt_client import Broker, make_client
 from agent.stacks.labels import CHANNELS, LOCATIONS
 from agent.tools.listen import format_row
 
@@ -140,20 +141,16 @@ def broker(choice: str, work: Path) -> Iterator[tuple[str, int, str]]:
 class Results:
     """An MQTT subscriber that prints each result as it arrives and counts them."""
 
-    def __init__(self, host: str, port: int, protocol: str, truth: dict[str, list[str]], total: int) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
+    def __init__(self, broker: Broker, truth: dict[str, list[str]], total: int) -> None:
         self.truth = truth
         self.total = total
         self.count = 0
         self.online = threading.Event()
         self.lock = threading.Lock()
-        v5 = protocol == "5"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        self.client = make_client(broker)
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(f"hpa-edge/{INSTRUMENT}/#", qos=1)
         self.client.on_message = self._on_message
-        self.client.connect(host, port, keepalive=30)
+        self.client.connect(broker.host, broker.port, keepalive=broker.keepalive)
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
@@ -213,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             "stats_interval = 0.0\n"
             "reconnect_min = 0.5\nreconnect_max = 2.0\n"
         )
-        results = Results(host, port, protocol, truth, len(truth))
+        results = Results(Broker(host, port, protocol), truth, len(truth))
         agent_log = open(work / "agent.service.log", "wb")  # noqa: SIM115 - closed after the agent stops
         env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
         agent = subprocess.Popen([*cli, "run", "--config", str(config)], stdout=agent_log,

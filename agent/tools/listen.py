@@ -3,7 +3,9 @@
 What an operator runs to check that a microscope's agent is alive and publishing: it
 subscribes to results, errors and status (default `hpa-edge/+/#` without stats) and prints
 one line per message. `--count N` exits after N results or errors, `--seconds S` after S
-seconds; `--json` prints the raw documents instead of the table.
+seconds; `--json` prints the raw documents instead of the table. The broker options are the
+agent's own (`--protocol`, `--username`/`--password-file`, `--tls` with `--ca-file`,
+`--cert-file`, `--key-file`), so whatever the agent can reach, `listen` can too.
 """
 
 from __future__ import annotations
@@ -13,34 +15,21 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, TextIO
+
+from agent.service.mqtt_client import Broker, add_broker_arguments, broker_from_args, make_client
 
 COLUMNS = ("time", "instrument", "stack", "labels", "top score", "ms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default="localhost:1883", help="HOST[:PORT] (default localhost:1883)")
+    add_broker_arguments(parser)
     parser.add_argument("--topic", default="hpa-edge/+/#", help="subscription (default hpa-edge/+/#)")
-    parser.add_argument("--username", default="", help="broker user name")
-    parser.add_argument("--password-file", default="", help="file holding the broker password")
-    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (default 5)")
     parser.add_argument(
         "--count", type=int, default=0, help="exit after this many results/errors (0 = never)"
     )
     parser.add_argument("--seconds", type=float, default=0, help="exit after this long (0 = never)")
     parser.add_argument("--json", action="store_true", help="print raw JSON documents")
-
-
-def parse_broker(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":") if ":" in text else (text, "", "1883")
-    if not host:
-        raise ValueError(f"--broker {text!r}: expected HOST[:PORT]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"--broker {text!r}: port {port!r} is not a number") from None
-    return host, number
 
 
 def format_row(topic: str, payload: bytes) -> str | None:
@@ -68,20 +57,10 @@ def format_row(topic: str, payload: bytes) -> str | None:
     )
 
 
-def listen(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    host, port = parse_broker(args.broker)
+def listen(args: argparse.Namespace, broker: Broker, out: TextIO = sys.stdout) -> int:
     done = threading.Event()
     seen = 0
-    v5 = args.protocol == "5"
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-    if args.username:
-        password = None
-        if args.password_file:
-            password = Path(args.password_file).read_text(encoding="utf-8").strip()
-        client.username_pw_set(args.username, password)
+    client = make_client(broker)
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -109,12 +88,12 @@ def listen(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     client.on_connect = on_connect
     client.on_message = on_message
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        print(f"listen: cannot reach {host}:{port}: {exc}", file=sys.stderr)
+        client.connect(broker.host, broker.port, keepalive=broker.keepalive)
+    except OSError as exc:  # ssl.SSLError is one too
+        print(f"listen: cannot reach {broker.address}: {exc}", file=sys.stderr)
         return 1
     if not args.json:
-        out.write(f"listening on {host}:{port} topic {args.topic}\n")
+        out.write(f"listening on {broker.address} topic {args.topic}\n")
     client.loop_start()
     deadline = time.monotonic() + args.seconds if args.seconds else None
     try:
@@ -134,8 +113,8 @@ def listen(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        parse_broker(args.broker)
+        broker = broker_from_args(args)
     except ValueError as exc:
         print(f"listen: {exc}", file=sys.stderr)
         return 2
-    return listen(args)
+    return listen(args, broker)
