@@ -1,27 +1,39 @@
 """Training: 28 capped, class-weighted forests, thresholds out-of-fold, an honest comparison.
 
 Embeddings here are small synthetic vectors (64-d, label directions plus noise), so forests
-fit in a second; the command tests write a real cache and read it back.
+fit in a second; the command tests write a real cache and read it back. The estimator
+(`LocationForests`) and the one out-of-fold loop are specified first, then the command and
+the model folder it writes, which `hpa-edge export` reads.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 
+from agent.model.thresholds import apply
 from agent.stacks.labels import N_LOCATIONS
 from agent.stacks.preprocess import Preprocessing
+from export.conversion.make_bundle import ExportError, read_model
 from export.features.backbones import BackboneSpec
 from export.features.embed import EmbeddingCache, cache_key
 from export.training.auc import roc_auc
-from export.training.forests import ForestSettings, fit_forests, out_of_fold_scores, predict_scores
+from export.training.folds import out_of_fold
+from export.training.forests import ForestSettings, LocationForests, fit_forests, predict_scores
+from export.training.metrics import best_thresholds
 from export.training.train import TrainSettings, train
 
 SMALL = ForestSettings(trees=20, max_leaf_nodes=16, jobs=1)
+PARAMS: dict[str, Any] = {"trees": 20, "max_leaf_nodes": 16, "jobs": 1}  # SMALL, as estimator parameters
+Fitted = tuple[LocationForests, np.ndarray, np.ndarray]
 FAST = TrainSettings(forest=SMALL, bootstrap=100, original_trees=20)
 FAST_ARGS = ["--trees", "10", "--original-trees", "10", "--bootstrap", "50", "--jobs", "1"]
 
@@ -37,14 +49,126 @@ def _data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y
 
 
-def test_a_location_without_positives_gets_no_forest_and_scores_zero() -> None:
+# The one out-of-fold loop ----------------------------------------------------------------
+def test_out_of_fold_scores_each_row_with_a_model_fitted_without_it() -> None:
+    """The stand-in model answers, for each row it scores, whether it was fitted on that row."""
+    x = np.arange(40, dtype=np.float64)[:, None]  # the row's own number as its only feature
+    fitted_on: list[set[float]] = []
+
+    def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+        seen = set(x_fit[:, 0].tolist())
+        fitted_on.append(seen)
+        return np.array([[float(v in seen)] for v in x_held[:, 0]])
+
+    scores = out_of_fold(fit_predict, x, np.zeros((40, 1)), np.arange(40) % 4)
+    assert len(fitted_on) == 4
+    assert (scores == 0).all()  # no row was scored by a model that had seen it
+    assert all(len(seen) == 30 for seen in fitted_on)  # and each model saw all the other folds
+
+
+def test_out_of_fold_keeps_the_width_the_model_answers_with() -> None:
+    x, y = np.zeros((12, 3)), np.zeros((12, N_LOCATIONS))
+    scores = out_of_fold(lambda xf, yf, xh: np.ones((len(xh), 2)), x, y, np.arange(12) % 3)
+    assert scores.shape == (12, 2)
+    assert scores.dtype == np.float64
+
+
+def test_out_of_fold_refuses_a_single_fold() -> None:
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        out_of_fold(lambda xf, yf, xh: xh, np.zeros((5, 1)), np.zeros((5, 1)), np.zeros(5))
+
+
+# The estimator ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted() -> Fitted:
+    """An estimator fitted on the first 200 of 300 vectors (read-only for tests), and the data."""
     x, y = _data()
-    forests = fit_forests(x, y, SMALL)
-    assert forests[27] is None
-    assert all(f is not None for f in forests[:27])
-    assert (predict_scores(forests, x)[:, 27] == 0).all()
+    return LocationForests(**PARAMS).fit(x[:200], y[:200]), x, y
 
 
+def test_fit_chooses_the_thresholds_on_out_of_fold_scores(fitted: Fitted) -> None:
+    model, x, y = fitted
+    assert model.oof_scores_.shape == (200, N_LOCATIONS)
+    np.testing.assert_array_equal(model.thresholds_, best_thresholds(y[:200], model.oof_scores_))
+    in_sample = best_thresholds(y[:200], model.predict_proba(x[:200]))
+    assert not np.array_equal(model.thresholds_, in_sample)  # not chosen on remembered answers
+
+
+def test_predict_is_predict_proba_against_the_thresholds_by_the_device_rule(fitted: Fitted) -> None:
+    model, x, _ = fitted
+    predicted = model.predict(x[200:])
+    assert predicted.dtype == bool
+    np.testing.assert_array_equal(predicted, apply(model.predict_proba(x[200:]), model.thresholds_))
+
+
+def test_a_location_without_positives_gets_no_forest_and_is_never_predicted(fitted: Fitted) -> None:
+    model, x, _ = fitted
+    assert model.forests_[27] is None
+    assert all(f is not None for f in model.forests_[:27])
+    assert model.trained_locations == list(range(27))
+    assert (model.predict_proba(x)[:, 27] == 0).all()
+    assert model.thresholds_[27] == 1.0
+    assert not model.predict(x)[:, 27].any()
+
+
+def test_out_of_fold_scores_never_come_from_a_forest_that_saw_the_stack() -> None:
+    """On labels that are pure noise, in-sample scores look perfect; out-of-fold ones look like chance."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    y = (rng.random((200, 1)) < 0.5).astype(np.uint8)
+    model = LocationForests(trees=30, max_leaf_nodes=None, jobs=1, folds=4).fit(x, y)
+    assert roc_auc(y[:, 0], model.predict_proba(x)[:, 0]) > 0.95
+    assert 0.35 < roc_auc(y[:, 0], model.oof_scores_[:, 0]) < 0.65
+    assert sorted(np.unique(model.oof_folds_).tolist()) == [0, 1, 2, 3]
+
+
+def test_parameters_are_kept_as_given_and_a_clone_is_unfitted_with_the_same_ones() -> None:
+    x, y = _data(60)
+    model = LocationForests(trees=7, max_leaf_nodes=None, class_weight=None, folds=4)
+    assert model.get_params() == {
+        "trees": 7, "max_leaf_nodes": None, "min_samples_leaf": 1, "max_features": "sqrt",
+        "class_weight": None, "seed": 0, "jobs": -1, "folds": 4,
+    }  # fmt: skip
+    model.set_params(jobs=1).fit(x, y)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params()
+    assert not hasattr(copy, "forests_")
+
+
+def test_bad_parameters_are_refused_when_fitting_not_when_constructing() -> None:
+    x, y = _data(60)
+    model = LocationForests(trees=0)  # scikit-learn's rule: no checks in __init__
+    with pytest.raises(ValueError, match="trees must be at least 1"):
+        model.fit(x, y)
+
+
+def test_an_unfitted_estimator_refuses_to_predict() -> None:
+    with pytest.raises(NotFittedError):
+        LocationForests().predict(np.zeros((1, 64)))
+
+
+def test_features_of_another_width_are_refused(fitted: Fitted) -> None:
+    model = fitted[0]
+    assert model.n_features_in_ == 64
+    with pytest.raises(ValueError, match="expected N x 64 features"):
+        model.predict_proba(np.zeros((2, 32)))
+
+
+def test_a_pickled_estimator_answers_as_before(fitted: Fitted) -> None:
+    model, x, _ = fitted
+    again = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(again.predict_proba(x[200:]), model.predict_proba(x[200:]))
+    np.testing.assert_array_equal(again.thresholds_, model.thresholds_)
+
+
+def test_forests_fitted_elsewhere_answer_as_the_estimator_that_fitted_them(fitted: Fitted) -> None:
+    model, x, _ = fitted
+    wrapped = LocationForests.from_forests(model.forests_, model.thresholds_, SMALL)
+    np.testing.assert_array_equal(wrapped.predict(x[200:]), model.predict(x[200:]))
+    assert not hasattr(wrapped, "oof_scores_")
+
+
+# The forests inside it --------------------------------------------------------------------
 def test_no_tree_grows_past_the_leaf_cap() -> None:
     x, y = _data()
     forests = fit_forests(x, y, ForestSettings(trees=5, max_leaf_nodes=8, jobs=1))
@@ -57,18 +181,7 @@ def test_fixed_seeds_give_identical_forests() -> None:
     np.testing.assert_array_equal(first, predict_scores(fit_forests(x, y, SMALL), x))
 
 
-def test_out_of_fold_scores_never_come_from_a_forest_that_saw_the_stack() -> None:
-    """On labels that are pure noise, in-sample scores look perfect; out-of-fold ones look like chance."""
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(200, 16)).astype(np.float32)
-    y = (rng.random((200, 1)) < 0.5).astype(np.uint8)
-    settings = ForestSettings(trees=30, max_leaf_nodes=None, jobs=1)
-    in_sample = predict_scores(fit_forests(x, y, settings), x)[:, 0]
-    oof = out_of_fold_scores(x, y, np.arange(200) % 4, settings)[:, 0]
-    assert roc_auc(y[:, 0], in_sample) > 0.95
-    assert 0.35 < roc_auc(y[:, 0], oof) < 0.65
-
-
+# Training and its evaluation --------------------------------------------------------------
 @pytest.mark.integration
 def test_our_method_beats_the_original_on_synthetic_stacks(
     synthetic_embeddings: Path, synthetic_set: Path
@@ -99,8 +212,8 @@ def test_the_evaluation_reports_every_location_with_an_interval_and_support() ->
             low, high = row["f1_ci95"]
             assert (low <= row["f1"] + 1e-9 and row["f1"] <= high + 1e-9) or row["support"] < 3
     assert set(model.train_ids).isdisjoint(model.test_ids)
-    assert len(model.thresholds) == N_LOCATIONS
-    assert model.thresholds[27] == 1.0
+    assert len(model.classifier.thresholds_) == N_LOCATIONS
+    assert model.classifier.thresholds_[27] == 1.0
 
 
 def test_the_joint_model_experiment_reports_both_and_a_decision() -> None:
@@ -123,23 +236,35 @@ def _labels(path: Path, ids: list[str], y: np.ndarray) -> None:
     path.write_text("Id,Target\n" + "\n".join(r for r in rows if not r.endswith(",")) + "\n")
 
 
-def test_train_command_writes_the_model_and_its_report(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder written by the train command from 200 small vectors (read-only for tests)."""
     from agent.cli import main
 
+    work = tmp_path_factory.mktemp("train")
     x, y = _data(200)
     ids = [f"s{i:03d}" for i in range(len(y))]
-    _cache(tmp_path / "cache", x, ids)
-    _labels(tmp_path / "train.csv", ids, y)
-    out = tmp_path / "model"
-    code = main(["train", "--embeddings", str(tmp_path / "cache"), "--labels", str(tmp_path / "train.csv"),
+    _cache(work / "cache", x, ids)
+    _labels(work / "train.csv", ids, y)
+    out = work / "model"
+    code = main(["train", "--embeddings", str(work / "cache"), "--labels", str(work / "train.csv"),
                  "--out", str(out), *FAST_ARGS])  # fmt: skip
     assert code == 0
+    return out
+
+
+def test_train_command_writes_the_model_and_its_report(model_folder: Path) -> None:
+    _, y = _data(200)
+    out = model_folder
     meta = json.loads((out / "model.json").read_text())
     assert len(meta["thresholds"]) == N_LOCATIONS
     assert meta["embedding"]["backbone"]["name"] == "b0"
     assert meta["settings"]["forest"]["max_leaf_nodes"] == ForestSettings().max_leaf_nodes
-    forests = pickle.loads((out / "classifiers.pkl").read_bytes())
-    assert len(forests) == N_LOCATIONS
+    classifier = pickle.loads((out / "classifiers.pkl").read_bytes())
+    assert isinstance(classifier, LocationForests)
+    assert len(classifier.forests_) == N_LOCATIONS
+    assert classifier.thresholds_.tolist() == meta["thresholds"]
+    assert meta["trained_locations"] == classifier.trained_locations
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Paired difference ours - original" in (out / "summary.md").read_text()
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -178,6 +303,48 @@ def test_train_command_refuses_labels_that_share_no_ids_with_the_cache(
     assert code == 2
     assert "only 0 stacks have both a label and an embedding" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# The model folder, as `hpa-edge export` and the float reference read it --------------------
+def test_export_reads_the_estimator_train_wrote(model_folder: Path) -> None:
+    trained = read_model(model_folder, None)
+    assert isinstance(trained.classifier, LocationForests)
+    meta = json.loads((model_folder / "model.json").read_text())
+    assert trained.thresholds.tolist() == meta["thresholds"]
+    assert trained.spec.name == "b0"
+
+
+def test_export_still_reads_a_model_folder_whose_pickle_is_a_list_of_forests(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    """Model folders written before the estimator (model format 1) pickled the 28 forests alone."""
+    old = tmp_path / "old"
+    shutil.copytree(model_folder, old)
+    current = pickle.loads((model_folder / "classifiers.pkl").read_bytes())
+    (old / "classifiers.pkl").write_bytes(pickle.dumps(current.forests_))
+    wrapped = read_model(old, None).classifier
+    x = _data(20, seed=5)[0]
+    np.testing.assert_array_equal(wrapped.predict(x), current.predict(x))
+
+
+def test_export_refuses_a_model_json_whose_thresholds_differ_from_the_pickle(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(model_folder, edited)
+    meta = json.loads((edited / "model.json").read_text())
+    meta["thresholds"][0] = 0.01
+    (edited / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"thresholds in model\.json differ"):
+        read_model(edited, None)
+
+
+def test_export_refuses_a_pickle_that_is_not_a_classifier(model_folder: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(model_folder, other)
+    (other / "classifiers.pkl").write_bytes(pickle.dumps({"forests": []}))
+    with pytest.raises(ExportError, match="holds a dict, not the classifier"):
+        read_model(other, None)
 
 
 @pytest.mark.integration

@@ -30,6 +30,8 @@ import numpy as np
 
 from agent.model.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
 from agent.model.runtimes import load_classifier, load_embedder
+from agent.model.similarity import cosine
+from agent.model.thresholds import apply
 from agent.stacks.digest import file_sha256
 from agent.stacks.errors import StackError
 from agent.stacks.labels import LOCATIONS
@@ -37,7 +39,7 @@ from agent.stacks.preprocess import Preprocessing, preprocess
 from export.conversion.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
 from export.data.dataset import Dataset, DatasetError
 from export.features.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
-from export.training.forests import predict_scores
+from export.training.forests import ForestSettings, LocationForests
 from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
 
 PARITY_TOLERANCE = 1e-5
@@ -52,10 +54,13 @@ class ExportError(ValueError):
 class Trained:
     folder: Path
     meta: dict[str, Any]
-    forests: list[Any]
-    thresholds: np.ndarray
+    classifier: LocationForests
     spec: BackboneSpec
     prep: Preprocessing
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.classifier.thresholds_)
 
 
 def read_model(folder: Path, weights: str | None) -> Trained:
@@ -63,9 +68,10 @@ def read_model(folder: Path, weights: str | None) -> Trained:
     try:
         meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         with (folder / "classifiers.pkl").open("rb") as handle:
-            forests = pickle.load(handle)  # our own training output, on the workstation only
-    except (OSError, ValueError) as exc:
+            pickled = pickle.load(handle)  # our own training output, on the workstation only
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise ExportError(f"{folder}: not a model folder from 'hpa-edge train': {exc}") from None
+    classifier = _classifier(folder, pickled, meta)
     backbone = meta["embedding"]["backbone"]
     recorded = backbone["weights"]
     if "sha256" in backbone:  # trained on embeddings from a weights file
@@ -79,7 +85,30 @@ def read_model(folder: Path, weights: str | None) -> Trained:
     else:
         spec = BackboneSpec(backbone["name"], recorded, int(backbone.get("seed", 0)))
     prep = Preprocessing.from_dict(meta["embedding"]["preprocessing"])
-    return Trained(folder, meta, forests, np.asarray(meta["thresholds"]), spec, prep)
+    return Trained(folder, meta, classifier, spec, prep)
+
+
+def _classifier(folder: Path, pickled: Any, meta: dict[str, Any]) -> LocationForests:
+    """The estimator in classifiers.pkl; a list of forests (model format 1) is wrapped in one."""
+    if isinstance(pickled, list):  # written before the estimator: the forests alone
+        settings = meta["settings"]
+        try:
+            return LocationForests.from_forests(
+                pickled, meta["thresholds"], ForestSettings(**settings["forest"]), settings["folds"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportError(f"{folder}: classifiers.pkl and model.json do not match: {exc}") from None
+    if not isinstance(pickled, LocationForests):
+        raise ExportError(
+            f"{folder}: classifiers.pkl holds a {type(pickled).__name__}, "
+            "not the classifier 'hpa-edge train' writes"
+        )
+    if not np.allclose(pickled.thresholds_, meta["thresholds"]):
+        raise ExportError(
+            f"{folder}: the thresholds in model.json differ from those in classifiers.pkl (was one edited?); "
+            "retrain, or put back the file as training wrote it"
+        )
+    return pickled
 
 
 def stack_images(
@@ -112,17 +141,16 @@ def fidelity(
     """How far the exported pipeline's answers are from the float reference's, on the same stacks."""
     ref_emb, ref_prob = reference
     exp_emb, exp_prob = exported
-    norms = np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(exp_emb, axis=1)
-    cosine = (ref_emb * exp_emb).sum(axis=1) / np.where(norms > 0, norms, 1)
-    ref_labels, exp_labels = ref_prob >= thresholds, exp_prob >= thresholds
+    similarity = cosine(ref_emb, exp_emb)
+    ref_labels, exp_labels = apply(ref_prob, thresholds), apply(exp_prob, thresholds)
     weights = bootstrap_weights(len(truth), 1000, seed)
     paired = nanmean_rows(bootstrap_f1(truth, exp_labels, weights)) - nanmean_rows(
         bootstrap_f1(truth, ref_labels, weights)
     )
     return {
         "n_stacks": len(truth),
-        "embedding_cosine_min": round(float(cosine.min()), 5),
-        "embedding_cosine_mean": round(float(cosine.mean()), 5),
+        "embedding_cosine_min": round(float(similarity.min()), 5),
+        "embedding_cosine_mean": round(float(similarity.mean()), 5),
         "probability_max_difference": [round(float(v), 5) for v in np.abs(exp_prob - ref_prob).max(axis=0)],
         "identical_label_sets": round(float((ref_labels == exp_labels).all(axis=1).mean()), 5),
         "label_flips": [int(v) for v in (ref_labels != exp_labels).sum(axis=0)],
@@ -137,7 +165,7 @@ def onnx_parity(onnx: np.ndarray, sklearn: np.ndarray, thresholds: np.ndarray) -
     """Largest probability difference, label flips, and ties (a probability within float32 rounding
     of its threshold, where float32 ONNX and float64 scikit-learn may fairly fall either side)."""
     tie = np.abs(sklearn - thresholds) <= PARITY_TOLERANCE
-    flips = (onnx >= thresholds) != (sklearn >= thresholds)
+    flips = apply(onnx, thresholds) != apply(sklearn, thresholds)
     return float(np.abs(onnx - sklearn).max()), int((flips & ~tie).sum()), int(tie.sum())
 
 
@@ -238,8 +266,8 @@ def export(args: argparse.Namespace) -> int:
     print(f"export: {len(calibration)} calibration stacks, {len(held)} held-out stacks for fidelity")
     keras_model = build(trained.spec, trained.prep.size)
     ref_emb = np.asarray(keras_model.predict(held.astype(np.float32), verbose=0), dtype=np.float32)
-    ref_prob = predict_scores(trained.forests, ref_emb)
-    onnx = forests_to_onnx(trained.forests, ref_emb.shape[1])
+    ref_prob = trained.classifier.predict_proba(ref_emb)
+    onnx = forests_to_onnx(trained.classifier.forests_, ref_emb.shape[1])
     classifier = load_classifier(onnx)
     parity, flips, ties = onnx_parity(classifier(ref_emb), ref_prob, trained.thresholds)
     print(

@@ -1,7 +1,7 @@
 """The float reference the benchmark compares the device pipeline with.
 
-Keras EfficientNet (the backbone the model was embedded with, float32) plus the 28
-scikit-learn forests from `classifiers.pkl`, loaded once and run one stack at a time, each
+Keras EfficientNet (the backbone the model was embedded with, float32) plus the trained
+`LocationForests` from `classifiers.pkl`, loaded once and run one stack at a time, each
 forest asked on its own, as the original study's prediction code did. Pixels come from the
 same `preprocess` as the device's, so only the models differ.
 """
@@ -9,7 +9,6 @@ same `preprocess` as the device's, so only the models differ.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,7 +20,7 @@ class FloatReference:
     def __init__(self, model_dir: Path, weights: str | None = None) -> None:
         trained = read_model(Path(model_dir), weights)
         self.preprocessing = trained.prep
-        self.forests: list[Any] = list(trained.forests)
+        self.classifier = trained.classifier
         self.network = build(trained.spec, trained.prep.size)
         self.embed(np.zeros((trained.prep.size, trained.prep.size, 3), np.uint8))  # build the graph once
 
@@ -31,10 +30,5 @@ class FloatReference:
         return np.asarray(self.network(x, training=False), dtype=np.float32)
 
     def classify(self, embedding: np.ndarray) -> np.ndarray:
-        """28 probabilities, one forest at a time (a location without a forest scores 0)."""
-        return np.array(
-            [
-                0.0 if forest is None else float(forest.predict_proba(embedding)[0, 1])
-                for forest in self.forests
-            ]
-        )
+        """1 x 1280 -> 28 probabilities, one forest at a time (a location without a forest scores 0)."""
+        return np.asarray(self.classifier.predict_proba(embedding)[0])

@@ -18,6 +18,7 @@ from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import Preprocessing, format_slots
 from export.data.dataset import DatasetError, read_labels
 from export.features.embed import CacheError, EmbeddingCache
+from export.training.folds import out_of_fold
 from export.training.forests import ForestSettings, fit_forests, predict_scores
 
 DEFAULT_LOCATIONS = (0, 25)
@@ -47,15 +48,15 @@ def cross_validated_auc(
     x: np.ndarray, column: np.ndarray, n_folds: int, repeats: int, settings: ForestSettings
 ) -> tuple[float, float]:
     """Mean and standard deviation over repeats of the out-of-fold ROC AUC of one location."""
+
+    def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+        return predict_scores(fit_forests(x_fit, y_fit, settings), x_held)
+
     rng = np.random.default_rng(settings.seed)
     values = []
     for _ in range(repeats):
         folds = stratified_binary_folds(column, n_folds, rng)
-        scores = np.zeros(len(column))
-        for k in range(n_folds):
-            fit, held = folds != k, folds == k
-            forests = fit_forests(x[fit], column[fit, None], settings)
-            scores[held] = predict_scores(forests, x[held])[:, 0]
+        scores = out_of_fold(fit_predict, x, column[:, None], folds)[:, 0]
         values.append(roc_auc(column, scores))
     return float(np.mean(values)), float(np.std(values))
 

@@ -18,11 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.model.thresholds import apply
 from agent.stacks.errors import StackError
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import BitDepth, to_uint8
 from export.data.dataset import Dataset, DatasetError
 from export.data.split import stratified_folds, train_test_split
+from export.training.folds import out_of_fold
 from export.training.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
 
 FEATURE_SIZE = 256
@@ -115,14 +117,12 @@ def evaluate(x: np.ndarray, y: np.ndarray, seed: int = 0, test_fraction: float =
             random_state=seed,
         )
 
-    folds = stratified_folds(y[train], 3, seed)
-    oof = np.zeros((len(train), y.shape[1]))
-    for k in range(3):
-        fit, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        oof[held] = _scores(model().fit(x[train][fit], y[train][fit]), x[train][held], y.shape[1])
+    def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+        return _scores(model().fit(x_fit, y_fit), x_held, y.shape[1])
+
+    oof = out_of_fold(fit_predict, x[train], y[train], stratified_folds(y[train], 3, seed))
     thresholds = best_thresholds(y[train], oof)
-    scores = _scores(model().fit(x[train], y[train]), x[test], y.shape[1])
-    predicted = scores >= thresholds
+    predicted = apply(fit_predict(x[train], y[train], x[test]), thresholds)
     per_location = f1_per_location(y[test], predicted)
     return {
         "n_train": len(train),

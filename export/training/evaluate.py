@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.training.metrics import (
     bootstrap_f1,
@@ -78,6 +79,7 @@ def balanced_test_f1(y_true: np.ndarray, scores: np.ndarray, threshold: float = 
     """
     rng = np.random.default_rng(seed)
     y_true = np.asarray(y_true, dtype=bool)
+    labels = apply(scores, np.full(scores.shape[1], threshold))
     values = []
     for j in range(y_true.shape[1]):
         positives, negatives = np.flatnonzero(y_true[:, j]), np.flatnonzero(~y_true[:, j])
@@ -87,7 +89,7 @@ def balanced_test_f1(y_true: np.ndarray, scores: np.ndarray, threshold: float = 
         rows = np.concatenate(
             [rng.choice(positives, n, replace=False), rng.choice(negatives, n, replace=False)]
         )
-        truth, predicted = y_true[rows, j], scores[rows, j] >= threshold
+        truth, predicted = y_true[rows, j], labels[rows, j]
         tp = float((truth & predicted).sum())
         denominator = 2 * tp + float((~truth & predicted).sum()) + float((truth & ~predicted).sum())
         values.append(2 * tp / denominator if denominator else 0.0)

@@ -2,15 +2,16 @@
 
 1. Join the label file with the embedding cache (optionally only the ids in --include-ids).
 2. Hold out a multilabel-stratified test split; it is scored once, at the end.
-3. On the training part: out-of-fold scores from a multilabel-stratified cross-validation
-   choose one threshold per location (the F1-maximising one).
-4. Fit the 28 forests on the whole training part (natural frequencies, class weights).
-5. On the test split, beside ours: the original study's method trained on the same stacks,
+3. Fit `LocationForests` on the training part: out-of-fold scores from a multilabel-stratified
+   cross-validation choose one threshold per location (the F1-maximising one), then the 28
+   forests are fitted on the whole training part (natural frequencies, class weights).
+4. On the test split, beside ours: the original study's method trained on the same stacks,
    its own balanced-test figure, and the biologists' per-location F1.
 
-The model folder gets `classifiers.pkl` (scikit-learn, for `hpa-edge export` on the
-workstation; the device never loads a pickle), `model.json` (thresholds, settings, the
-embedding cache key, figures), `evaluation.json`, `evaluation.png` and `summary.md`.
+The model folder gets `classifiers.pkl` (the fitted `LocationForests`, for `hpa-edge export`
+and the float reference on the workstation; the device never loads a pickle), `model.json`
+(thresholds, settings, the embedding cache key, figures), `evaluation.json`, `evaluation.png`
+and `summary.md`.
 """
 
 from __future__ import annotations
@@ -27,24 +28,27 @@ from typing import Any
 
 import numpy as np
 
+from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.data.dataset import DatasetError, read_labels
-from export.data.split import stratified_folds, train_test_split
+from export.data.split import train_test_split
 from export.features.embed import CacheError, EmbeddingCache, Embeddings
 from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
+from export.training.folds import out_of_fold
 from export.training.forests import (
+    DEFAULT_FOLDS,
     ForestSettings,
-    fit_forests,
+    LocationForests,
     fit_joint,
     fit_original,
-    out_of_fold_scores,
     predict_joint,
     predict_scores,
 )
 from export.training.metrics import best_thresholds
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: classifiers.pkl holds a LocationForests (1: a list of 28 forests or None)
+ORIGINAL_THRESHOLD = 0.5  # the original study's one threshold for every location
 JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations
 
 
@@ -54,10 +58,10 @@ class TrainError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    forest: ForestSettings = field(default_factory=ForestSettings)
-    folds: int = 3
+    forest: ForestSettings = field(default_factory=ForestSettings)  # its seed also seeds the folds
+    folds: int = DEFAULT_FOLDS
     test_fraction: float = 0.2
-    seed: int = 0
+    seed: int = 0  # of the train/test split
     bootstrap: int = 1000
     try_joint: bool = False
     original_trees: int = 100  # the original study's forests (grown fully)
@@ -71,8 +75,7 @@ class TrainSettings:
 
 @dataclass
 class TrainedModel:
-    forests: list[Any]
-    thresholds: np.ndarray
+    classifier: LocationForests
     evaluation: dict[str, Any]
     train_ids: list[str]
     test_ids: list[str]
@@ -100,17 +103,13 @@ def train(
     """Split, tune thresholds out-of-fold, fit, and score ours against the original method."""
     train_rows, test_rows = train_test_split(y, settings.test_fraction, settings.seed)
     x_train, y_train, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
-    folds = stratified_folds(y_train, settings.folds, settings.seed)
-    oof = out_of_fold_scores(x_train, y_train, folds, settings.forest)
-    thresholds = best_thresholds(y_train, oof)
-    forests = fit_forests(x_train, y_train, settings.forest)
-    ours = predict_scores(forests, x_test) >= thresholds
+    classifier = LocationForests.from_settings(settings.forest, settings.folds).fit(x_train, y_train)
+    ours = classifier.predict(x_test)
     original_scores = predict_scores(
         fit_original(x_train, y_train, settings.seed, settings.forest.jobs, settings.original_trees), x_test
     )
-    split = score_methods(
-        y_test, {OURS: ours, ORIGINAL: original_scores >= 0.5}, settings.bootstrap, settings.seed
-    )
+    original = apply(original_scores, np.full(N_LOCATIONS, ORIGINAL_THRESHOLD))
+    split = score_methods(y_test, {OURS: ours, ORIGINAL: original}, settings.bootstrap, settings.seed)
     biologists, source = biologist_f1()
     evaluation: dict[str, Any] = {
         "data": {
@@ -122,22 +121,22 @@ def train(
             "train_positives": {LOCATIONS[j]: int(y_train[:, j].sum()) for j in range(N_LOCATIONS)},
         },
         "split": split,
-        "original_balanced_test_f1": round(balanced_test_f1(y_test, original_scores, 0.5, settings.seed), 4),
+        "original_balanced_test_f1": round(
+            balanced_test_f1(y_test, original_scores, ORIGINAL_THRESHOLD, settings.seed), 4
+        ),
         "biologist_f1": {
             "per_location": [None if np.isnan(v) else float(v) for v in biologists],
             "macro_f1": round(float(np.nanmean(biologists)), 4),
             "source": source,
         },
-        "thresholds": [round(float(t), 4) for t in thresholds],
+        "thresholds": [round(float(t), 4) for t in classifier.thresholds_],
         "experiments": {},
     }
     if settings.try_joint:
         evaluation["experiments"]["joint_nucleoplasm_cytosol"] = joint_experiment(
-            x_train, y_train, x_test, y_test, folds, thresholds, ours, settings
+            x_train, y_train, x_test, y_test, classifier.oof_folds_, ours, settings
         )
-    return TrainedModel(
-        forests, thresholds, evaluation, [ids[i] for i in train_rows], [ids[i] for i in test_rows]
-    )
+    return TrainedModel(classifier, evaluation, [ids[i] for i in train_rows], [ids[i] for i in test_rows])
 
 
 def joint_experiment(
@@ -146,22 +145,20 @@ def joint_experiment(
     x_test: np.ndarray,
     y_test: np.ndarray,
     folds: np.ndarray,
-    thresholds: np.ndarray,
     ours: np.ndarray,
     settings: TrainSettings,
 ) -> dict[str, Any]:
-    """Does one 4-class forest for Nucleoplasm + Cytosol beat their two binary forests (same split)?"""
+    """Does one 4-class forest for Nucleoplasm + Cytosol beat their two binary forests (same split)?
+
+    The joint model's thresholds are chosen out-of-fold on the folds the binary forests' were.
+    """
     pair = list(JOINT_PAIR)
-    oof = np.zeros((len(y_train), 2))
-    for k in np.unique(folds):
-        fit, held = folds != k, folds == k
-        oof[held] = predict_joint(
-            fit_joint(x_train[fit], y_train[fit], JOINT_PAIR, settings.forest), x_train[held]
-        )
-    joint_thresholds = best_thresholds(y_train[:, pair], oof)
-    joint = (
-        predict_joint(fit_joint(x_train, y_train, JOINT_PAIR, settings.forest), x_test) >= joint_thresholds
-    )
+
+    def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+        return predict_joint(fit_joint(x_fit, y_fit, JOINT_PAIR, settings.forest), x_held)
+
+    joint_thresholds = best_thresholds(y_train[:, pair], out_of_fold(fit_predict, x_train, y_train, folds))
+    joint = apply(fit_predict(x_train, y_train, x_test), joint_thresholds)
     scored = score_methods(
         y_test[:, pair], {"binary": ours[:, pair], "joint": joint}, settings.bootstrap, settings.seed
     )
@@ -204,7 +201,7 @@ def read_id_list(path: Path) -> set[str]:
 def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSettings) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "classifiers.pkl").open("wb") as handle:
-        pickle.dump(model.forests, handle, protocol=5)
+        pickle.dump(model.classifier, handle, protocol=5)
     import sklearn
 
     evaluation = model.evaluation
@@ -212,8 +209,8 @@ def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSet
     meta = {
         "format": MODEL_FORMAT,
         "labels": list(LOCATIONS),
-        "thresholds": [float(t) for t in model.thresholds],
-        "trained_locations": [j for j, f in enumerate(model.forests) if f is not None],
+        "thresholds": [float(t) for t in model.classifier.thresholds_],
+        "trained_locations": model.classifier.trained_locations,
         "embedding": key,
         "settings": {
             "forest": settings.forest.to_dict(),
