@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from agent.service.mqtt_client import Broker as MqttBroker
+from agent.service.mqtt_client import make_client
 from agent.tools.demo import find_mosquitto, free_port
 
 
@@ -93,13 +95,10 @@ class Subscriber:
     """Records every message on `topic`; `wait_for` polls until a condition holds."""
 
     def __init__(self, port: int, topic: str = "#") -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         self.messages: list[Received] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = make_client(MqttBroker("127.0.0.1", port))
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
