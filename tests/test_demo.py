@@ -47,6 +47,6 @@ def test_demo_with_the_embedded_amqtt_broker_speaks_mqtt_3_1_1(tmp_path: Path) -
     done = demo(tmp_path, "amqtt")
     check(done, tmp_path, "3.1.1")
     assert "broker: amqtt stopped" in done.stdout
-    log = (tmp_path / "work" / "agent.service.log").read_text()
+    log = (tmp_path / "work" / "agent.log").read_text()
     assert "event=mqtt_connected" in log
     assert "protocol=3.1.1" in log

@@ -78,7 +78,7 @@ def start_agent(world: dict[str, object], port: int | None = None, **sections: o
         assert isinstance(values, dict)
         merged.setdefault(name, {}).update(values)
     config = write_config(tmp, port or broker.port, merged)
-    agent = AgentProcess(config, tmp / "agent.service.log").start()
+    agent = AgentProcess(config, tmp / "agent.log").start()
     world["agent"] = agent
     return agent
 

@@ -211,15 +211,15 @@ def run(args: argparse.Namespace) -> int:
             "reconnect_min = 0.5\nreconnect_max = 2.0\n"
         )
         results = Results(Broker(host, port, protocol), truth, len(truth))
-        agent_log = open(work / "agent.service.log", "wb")  # noqa: SIM115 - closed after the agent stops
+        agent_log = open(work / "agent.log", "wb")  # noqa: SIM115 - closed after the agent stops
         env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
         agent = subprocess.Popen([*cli, "run", "--config", str(config)], stdout=agent_log,
                                  stderr=subprocess.STDOUT,
                                  env=env)  # fmt: skip
         try:
             if not results.online.wait(60):
-                say(f"the agent did not come online; its log: {work / 'agent.service.log'}:")
-                print((work / "agent.service.log").read_text()[-2000:])
+                say(f"the agent did not come online; its log: {work / 'agent.log'}:")
+                print((work / "agent.log").read_text()[-2000:])
                 return 1
             say(f"agent online (bundle {args.bundle}, a demonstration bundle: labels are illustrative)")
             say(f"dropping {len(truth)} stacks into {incoming} (written, then renamed in)")
