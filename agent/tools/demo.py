@@ -31,7 +31,7 @@ from agent.service.mqtt_client import Broker, make_client
 from agent.stacks.labels import CHANNELS, LOCATIONS
 from agent.tools.listen import format_row
 
-REPO_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
+REPO_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "demo"
 INSTRUMENT = "demo-scope"
 
 
