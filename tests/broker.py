@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -227,3 +228,42 @@ def retained(port: int, topic: str) -> Received:
         return late.messages[0]
     finally:
         late.close()
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for localhost and a client certificate."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=hpa-edge test CA")  # fmt: skip
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={'localhost' if name == 'server' else 'hpa-edge-scope'}")  # fmt: skip
+        extra = ["-extfile", "server.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
+    return {
+        name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    }
+
+
+def tls_broker(tmp_path: Path) -> tuple[Broker, int, dict[str, Path]]:
+    """mosquitto with a plain listener and a TLS one that requires a client certificate.
+
+    Returns the broker, the TLS port and the certificates (made by openssl for this test).
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    certs = make_certificates(tmp_path / "certs")
+    tls_port = free_port()
+    extra = (
+        "allow_anonymous true\n"
+        f"listener {tls_port} 127.0.0.1\n"
+        f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\nkeyfile {certs['server.key']}\n"
+        "require_certificate true\n"
+    )
+    return Broker(tmp_path / "broker", extra=extra).start(), tls_port, certs

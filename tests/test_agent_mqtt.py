@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
-from tests.broker import Broker, Subscriber, retained
+from tests.broker import Broker, Subscriber, retained, tls_broker
 
 pytestmark = pytest.mark.integration
 SCHEMA = json.loads(
@@ -151,41 +151,8 @@ def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle
     assert last["purpose"] == "demo"
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for localhost and a client certificate."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=hpa-edge test CA")  # fmt: skip
-    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={'localhost' if name == 'server' else 'hpa-edge-scope'}")  # fmt: skip
-        extra = ["-extfile", "server.ext"] if name == "server" else []
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
-    return {
-        name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
-    }
-
-
 def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, real_dir):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    certs = make_certificates(tmp_path / "certs")
-    from agent.tools.demo import free_port
-
-    tls_port = free_port()
-    extra = (
-        "allow_anonymous true\n"
-        f"listener {tls_port} 127.0.0.1\n"
-        f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\nkeyfile {certs['server.key']}\n"
-        "require_certificate true\n"
-    )
-    broker = Broker(tmp_path / "broker", extra=extra).start()
+    broker, tls_port, certs = tls_broker(tmp_path)
     subscriber = Subscriber(broker.port)  # on the plain listener
     try:
         tls = {"tls": True, "ca_file": str(certs["ca.pem"]), "cert_file": str(certs["client.pem"]),

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.service.drainer import Drainer, DrainSettings
-from agent.service.outbox import Outbox, Row
+from agent.service.outbox import Row
 from agent.service.sinks import Answer, SinkUnavailableError, Verdict
 from agent.service.state import Ledger, Message, Record
+from tests.agent_harness import outbox_depth
 
 FAST = DrainSettings(
     max_inflight=4, reconnect_min=0.05, reconnect_max=0.2, stats_interval=0.0, flush_seconds=1.0
@@ -90,14 +91,6 @@ def fill(database: Path, n: int) -> None:
     ledger.close()
 
 
-def depth(database: Path) -> dict[str, int]:
-    outbox = Outbox(database)
-    try:
-        return outbox.depth()
-    finally:
-        outbox.close()
-
-
 def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -129,7 +122,7 @@ def test_accepted_rows_leave_the_outbox_in_order_and_are_reported_delivered(tmp_
         assert wait_for(lambda: drainer.sent == 5)
     assert [row.msg_id for row in sink.sent] == [f"m{i}" for i in range(5)]
     assert delivered == [f"m{i}" for i in range(5)]
-    assert depth(database) == {"pending": 0, "rejected": 0}
+    assert outbox_depth(database) == {"pending": 0, "rejected": 0}
 
 
 def test_a_rejected_row_is_kept_marked_and_never_sent_again(tmp_path: Path) -> None:
@@ -141,7 +134,7 @@ def test_a_rejected_row_is_kept_marked_and_never_sent_again(tmp_path: Path) -> N
         drainer.kick()
         time.sleep(0.3)
     assert sink.attempts("m1") == 1
-    assert depth(database) == {"pending": 0, "rejected": 1}
+    assert outbox_depth(database) == {"pending": 0, "rejected": 1}
 
 
 def test_a_row_answered_retry_stays_pending_and_goes_again_after_a_pause(tmp_path: Path) -> None:
@@ -153,7 +146,7 @@ def test_a_row_answered_retry_stays_pending_and_goes_again_after_a_pause(tmp_pat
         assert wait_for(lambda: drainer.sent == 2)
     assert sink.attempts("m0") == 2
     assert drainer.rejected == 0
-    assert depth(database) == {"pending": 0, "rejected": 0}
+    assert outbox_depth(database) == {"pending": 0, "rejected": 0}
 
 
 def test_an_unavailable_sink_is_retried_with_backoff_and_then_gets_the_backlog(tmp_path: Path) -> None:
@@ -204,5 +197,5 @@ def test_shutdown_delivers_the_backlog_then_says_goodbye(tmp_path: Path) -> None
         assert wait_for(lambda: sink.ready)
         fill(database, 3)
         drainer.kick()
-    assert depth(database)["pending"] == 0
+    assert outbox_depth(database)["pending"] == 0
     assert sink.goodbyes == 1

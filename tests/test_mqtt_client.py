@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.service.mqtt_client import Broker, add_broker_arguments, broker_from_args, make_client
-from tests.broker import Broker as Mosquitto
+from tests.broker import tls_broker
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -55,21 +54,9 @@ def test_an_unknown_protocol_is_refused_by_the_factory() -> None:
 @pytest.mark.integration
 def test_listen_reaches_a_broker_that_requires_tls_and_a_client_certificate(tmp_path: Path) -> None:
     """The operator's tool connects wherever the agent does: same options, same factory."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
     from agent.tools import listen
-    from agent.tools.demo import free_port
-    from tests.test_agent_mqtt import make_certificates
 
-    certs = make_certificates(tmp_path / "certs")
-    tls_port = free_port()
-    extra = (
-        "allow_anonymous true\n"
-        f"listener {tls_port} 127.0.0.1\n"
-        f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\nkeyfile {certs['server.key']}\n"
-        "require_certificate true\n"
-    )
-    mosquitto = Mosquitto(tmp_path / "broker", extra=extra).start()
+    mosquitto, tls_port, certs = tls_broker(tmp_path)
     parser = argparse.ArgumentParser()
     listen.add_arguments(parser)
     args = parser.parse_args(
