@@ -1,4 +1,8 @@
-"""Conversion: the merged ONNX graph answers as scikit-learn does; TFLite takes raw pixels."""
+"""Conversion: the merged ONNX graph answers as scikit-learn does; TFLite takes raw pixels.
+
+Export and the quantization probe convert through one function, so the probe's variants are
+checked here beside the export's.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.model.runtimes import load_classifier
+from agent.model.runtimes import load_classifier, load_embedder
+from agent.model.runtimes.interpreter import InterpreterEmbedder
+from agent.model.similarity import cosine
 from agent.stacks.labels import N_LOCATIONS
+from export.conversion.convert import (
+    QUANTIZATIONS,
+    check_variant,
+    forests_to_onnx,
+    saved_model,
+    saved_model_to_tflite,
+    to_tflite,
+)
 from export.training.forests import ForestSettings, fit_forests, predict_scores
 
-pytestmark = pytest.mark.integration
+
+def test_every_export_and_probe_variant_is_known_and_an_unknown_one_is_refused_with_the_choices() -> None:
+    for variant in (*QUANTIZATIONS, "int16x8", "int8-float-sigmoid", "int8-worst-3"):
+        check_variant(variant)
+    with pytest.raises(ValueError, match="unknown quantization 'int4'; choose from int8, "):
+        check_variant("int4")
 
 
+def test_a_bundle_is_never_converted_with_a_probe_only_variant() -> None:
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        to_tflite(object(), "int16x8")  # refused before the model is touched
+
+
+@pytest.mark.integration
 def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_labels() -> None:
-    from export.conversion.convert import forests_to_onnx
     from export.conversion.make_bundle import onnx_parity
 
     rng = np.random.default_rng(0)
@@ -33,9 +57,8 @@ def test_the_merged_onnx_graph_matches_scikit_learn_within_1e_5_with_identical_l
     assert flips == 0
 
 
+@pytest.mark.integration
 def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> None:
-    from agent.model.runtimes import load_embedder
-    from export.conversion.convert import to_tflite
     from export.features.backbones import BackboneSpec, build
 
     model = build(BackboneSpec("lite0"), 96)
@@ -43,28 +66,40 @@ def test_int8_tflite_takes_uint8_pixels_and_stays_close_to_the_float_model() -> 
     images = rng.integers(0, 256, (12, 96, 96, 3), dtype=np.uint8)
     images[:, 20:60, 20:60] = 200  # some structure, not only noise
     embedder = load_embedder(to_tflite(model, "int8", images[:8]))
+    assert isinstance(embedder, InterpreterEmbedder)
     assert embedder.input_dtype == np.uint8
     exported = embedder(images[8:])
     reference = np.asarray(model(images[8:].astype(np.float32)))
-    cosine = (
-        (exported * reference).sum(1) / np.linalg.norm(exported, axis=1) / np.linalg.norm(reference, axis=1)
-    )
-    assert cosine.min() > 0.8
+    assert cosine(exported, reference).min() > 0.8
     assert exported.shape == (4, 1280)
 
 
+@pytest.mark.integration
+def test_the_probe_variants_convert_from_one_saved_model_and_run_on_the_device_runtime() -> None:
+    from export.features.backbones import BackboneSpec, build
+
+    model = build(BackboneSpec("lite0"), 64)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    images[:, 10:40, 10:40] = 200
+    reference = np.asarray(model(images[4:].astype(np.float32)))
+    with saved_model(model) as folder:
+        for variant in ("int16x8", "int8-worst-2"):
+            exported = load_embedder(saved_model_to_tflite(folder, variant, images[:4]))(images[4:])
+            assert cosine(exported, reference).min() > 0.8, variant
+
+
+@pytest.mark.integration
 def test_int8_without_calibration_images_is_refused() -> None:
-    from export.conversion.convert import to_tflite
     from export.features.backbones import BackboneSpec, build
 
     with pytest.raises(ValueError, match="needs calibration images"):
         to_tflite(build(BackboneSpec("lite0"), 64), "int8", None)
 
 
+@pytest.mark.integration
 def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_stacks(real_dir: Path) -> None:
-    from agent.model.runtimes import load_embedder
     from agent.stacks.preprocess import Preprocessing, preprocess
-    from export.conversion.convert import to_tflite
     from export.data.dataset import Dataset
     from export.features.backbones import BackboneSpec, build
 
@@ -77,7 +112,6 @@ def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_sta
 
     def mean_cosine(quantization: str) -> float:
         out = load_embedder(to_tflite(model, quantization, calibration))(held)
-        cosine = (out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
-        return float(cosine.mean())
+        return float(cosine(out, reference).mean())
 
     assert mean_cosine("int8-float-stem") > mean_cosine("int8") + 0.005

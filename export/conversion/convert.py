@@ -3,6 +3,8 @@
 - The backbone (a Keras model taking 0..255 pixels) becomes TFLite: full-integer int8 with
   uint8 input by default (raw pixels go in, no float preprocessing on the device), or
   float16 / float32. int8 calibration uses real preprocessed stacks, never random noise.
+  Export and the quantization probe both convert through `saved_model_to_tflite`, so a
+  converter setting found to matter is set in one place.
 - The 28 forests become one ONNX graph, input N x 1280 float32, output N x 28 probabilities
   (one session instead of 28; measured much faster). Locations without a forest output 0.
 """
@@ -11,19 +13,25 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-QUANTIZATIONS = ("int8", "int8-float-stem", "float16", "float32")
+QUANTIZATIONS = ("int8", "int8-float-stem", "float16", "float32")  # what a bundle may carry
 # "int8-float-stem": int8 except the first FLOAT_STEM_OPS ops (input scaling, stem convolution,
 # first depthwise convolution), kept in float. Measured on the real HPA stacks with Lite0: the
 # stem carries most of the int8 error (4.5 quantization steps RMSE vs a median 0.31), and
 # keeping it in float lifts the embedding cosine to float from mean 0.976 / min 0.911 to
 # 0.993 / 0.985 at the same size; the input is then float32 (the agent casts the pixels).
 FLOAT_STEM_OPS = 4
+# Measured by `hpa-edge quant-probe`, never exported: int16 activations with int8 weights;
+# int8 with every LOGISTIC and MUL op (swish, squeeze-excite) in float; int8 with the K ops
+# TF's quantization debugger ranks worst (RMSE in quantization steps) in float.
+PROBE_VARIANTS = ("int16x8", "int8-float-sigmoid", "int8-worst-K")
 ONNX_OPSET = 17
 ONNX_ML_OPSET = 3
 
@@ -32,13 +40,101 @@ def to_tflite(model: Any, quantization: str, calibration: Iterable[np.ndarray] |
     """The Keras backbone as a TFLite flatbuffer; int8 needs calibration images (uint8, H x W x 3)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
-    # Keras 3 models go through a SavedModel: from_keras_model expects the legacy tf_keras, and
-    # from_concrete_functions left weights as variables that every int8 variant failed on.
+    with saved_model(model) as folder:
+        return saved_model_to_tflite(folder, quantization, calibration)
+
+
+@contextmanager
+def saved_model(model: Any) -> Iterator[str]:
+    """The Keras backbone as a SavedModel in a temporary folder, removed afterwards.
+
+    Keras 3 models go through a SavedModel: from_keras_model expects the legacy tf_keras, and
+    from_concrete_functions left weights as variables that every int8 variant failed on. One
+    SavedModel can be converted several ways (the quantization probe does).
+    """
     with tempfile.TemporaryDirectory(prefix="hpa-edge-savedmodel-") as folder:
         model.export(folder, format="tf_saved_model", verbose=False)
-        if quantization == "int8-float-stem":
-            return _convert_with_float_stem(folder, calibration)
-        return _convert_saved_model(folder, quantization, calibration)
+        yield folder
+
+
+def saved_model_to_tflite(
+    folder: str, variant: str, calibration: Iterable[np.ndarray] | None = None
+) -> bytes:
+    """A SavedModel as a TFLite flatbuffer: the one place a TFLiteConverter is built.
+
+    `variant` is one of QUANTIZATIONS or of PROBE_VARIANTS (K a number of ops); every integer
+    variant needs calibration images. int8 takes uint8 pixels as they are; the variants with
+    float ops take float32 input.
+    """
+    import tensorflow as tf
+
+    check_variant(variant)
+    converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+    if variant == "float32":
+        return bytes(converter.convert())
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+        return bytes(converter.convert())
+    representative = _calibration_set(calibration)
+    converter.representative_dataset = representative
+    if variant == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ]
+        return bytes(converter.convert())
+    if variant == "int8":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.float32
+        return bytes(converter.convert())
+    # int8 with some ops kept in float, chosen through TF's quantization debugger
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+        tf.lite.OpsSet.TFLITE_BUILTINS,
+    ]
+    selective = tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=representative,
+        debug_options=_float_ops(variant, converter, representative),
+    )
+    return bytes(selective.get_nondebug_quantized_model())
+
+
+def check_variant(variant: str) -> None:
+    """ValueError naming the choices unless `saved_model_to_tflite` knows the variant."""
+    if variant in QUANTIZATIONS or variant in PROBE_VARIANTS or _worst_count(variant) is not None:
+        return
+    raise ValueError(
+        f"unknown quantization {variant!r}; choose from {', '.join(QUANTIZATIONS + PROBE_VARIANTS)}"
+    )
+
+
+def _worst_count(variant: str) -> int | None:
+    """K of 'int8-worst-K', None for any other variant."""
+    found = re.fullmatch(r"int8-worst-(\d+)", variant)
+    return int(found.group(1)) if found else None
+
+
+def _float_ops(variant: str, converter: Any, representative: Any) -> Any:
+    """The debugger options that keep the variant's ops in float."""
+    import tensorflow as tf
+
+    if variant == "int8-float-sigmoid":
+        return tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=["LOGISTIC", "MUL"])
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative)
+    debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    rows = list(csv.DictReader(io.StringIO(dump.getvalue())))  # in graph order
+    worst = _worst_count(variant)
+    if worst is None:  # int8-float-stem
+        chosen = rows[:FLOAT_STEM_OPS]
+    else:  # by RMSE in quantization steps, largest first
+        chosen = sorted(
+            rows, key=lambda r: -(float(r["mean_squared_error"] or 0) ** 0.5 / float(r["scale"] or 1))
+        )[:worst]
+    return tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=[r["tensor_name"] for r in chosen])
 
 
 def _calibration_set(calibration: Iterable[np.ndarray] | None) -> Any:
@@ -51,47 +147,6 @@ def _calibration_set(calibration: Iterable[np.ndarray] | None) -> Any:
             yield [image.astype(np.float32)[None]]
 
     return representative
-
-
-def _convert_with_float_stem(folder: str, calibration: Iterable[np.ndarray] | None) -> bytes:
-    """int8 with the first ops in float, chosen by name from TF's quantization debugger."""
-    import tensorflow as tf
-
-    representative = _calibration_set(calibration)
-    converter = tf.lite.TFLiteConverter.from_saved_model(folder)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [
-        tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-        tf.lite.OpsSet.TFLITE_BUILTINS,
-    ]
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative)
-    debugger.run()
-    buffer = io.StringIO()
-    debugger.layer_statistics_dump(buffer)
-    first = [row["tensor_name"] for row in csv.DictReader(io.StringIO(buffer.getvalue()))][:FLOAT_STEM_OPS]
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=first)
-    selective = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=representative, debug_options=options
-    )
-    return bytes(selective.get_nondebug_quantized_model())
-
-
-def _convert_saved_model(folder: str, quantization: str, calibration: Iterable[np.ndarray] | None) -> bytes:
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(folder)
-    if quantization == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantization == "int8":
-        representative = _calibration_set(calibration)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.float32
-    return bytes(converter.convert())
 
 
 def forests_to_onnx(forests: Sequence[Any], n_features: int) -> bytes:
