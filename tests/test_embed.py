@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.stacks.digest import stack_fingerprint
 from agent.stacks.preprocess import Preprocessing, preprocess
+from agent.stacks.stack import read_stack
 from export.data.dataset import Dataset
 from export.features.backbones import BackboneSpec
-from export.features.embed import CacheError, Embedder, EmbeddingCache, cache_key, embed_dataset
+from export.features.embed import (
+    CACHE_FORMAT,
+    CacheError,
+    Embedder,
+    EmbeddingCache,
+    cache_key,
+    embed_dataset,
+)
 from tests.helpers import write_stack
 
 PREP = Preprocessing(size=32)
@@ -101,6 +110,28 @@ def test_a_stack_whose_files_changed_is_embedded_again_and_the_new_vector_wins(t
     loaded = cache.load()
     assert len(loaded.ids) == 3
     assert not np.allclose(loaded.rows(["s01"]), old)
+
+
+def test_the_cache_fingerprints_a_stack_as_the_device_does(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path / "data", 2)
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed_dataset(dataset, _embedder(PixelStats()), cache)
+    stack = read_stack("s01", dataset.samples[1].paths)
+    assert cache.fingerprints()["s01"] == stack_fingerprint(stack.sha256)
+
+
+def test_a_cache_from_before_the_device_fingerprint_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """Format 1 hashed the channels in another order: resuming it would re-embed every stack."""
+    dataset = _dataset(tmp_path / "data", 2)
+    old = EmbeddingCache(tmp_path / "cache")
+    old.open({**cache_key(BackboneSpec("b0", "random", seed=0), PREP), "format": 1})
+    old.append(["s00"], ["an old fingerprint"], np.zeros((1, 1280), np.float32))
+    network = PixelStats()
+    message = rf"older hpa-edge \(cache format 1; this one writes {CACHE_FORMAT}.*delete it and rerun embed"
+    with pytest.raises(CacheError, match=message):
+        embed_dataset(dataset, _embedder(network), EmbeddingCache(tmp_path / "cache"))
+    assert network.batches == []
+    assert old.load().ids == ["s00"]  # still readable by train and auc
 
 
 def test_a_cache_made_with_other_preprocessing_is_refused(tmp_path: Path) -> None:

@@ -8,15 +8,15 @@ uses, so training and inference see identical input. The cache is a folder:
     part-000000.npz     shards of ids, stack fingerprints and float32 embeddings
     failures.json       the stacks the last run could not read, with the reason
 
-A rerun skips stacks already in the cache whose files are unchanged (sha256 of the four
-files), so an interrupted run resumes where it stopped; a cache made with another backbone,
-weights or preprocessing is refused, never mixed. Memory stays bounded by one shard.
+A rerun skips stacks already in the cache whose files are unchanged (the device's stack
+fingerprint over the four files' sha256), so an interrupted run resumes where it stopped; a
+cache made with another backbone, weights, preprocessing or cache format is refused, never
+mixed. Memory stays bounded by one shard.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.stacks.digest import file_sha256
+from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
 from agent.stacks.preprocess import BitDepth, Preprocessing, format_slots, parse_slots, preprocess
@@ -36,7 +36,9 @@ from export.data.dataset import Dataset, DatasetError, Sample
 from export.features.backbones import EMBEDDING_DIM, BackboneError, BackboneSpec, build, lite0_weights_path
 from export.reports.progress import Progress
 
-CACHE_FORMAT = 1
+# 2: stack fingerprints are `agent.stacks.digest.stack_fingerprint` (the device's); format 1
+# caches hashed the channels in another order, so their stored fingerprints never match now.
+CACHE_FORMAT = 2
 DEFAULT_SIZE = 224
 DEFAULT_SLOTS = "red,green,blue"
 
@@ -52,14 +54,6 @@ def cache_key(spec: BackboneSpec, prep: Preprocessing) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "dim": EMBEDDING_DIM,
     }
-
-
-def stack_fingerprint(channel_sha256: Mapping[str, str]) -> str:
-    """sha256 over the four files' sha256s: changes when any channel file changes."""
-    outer = hashlib.sha256()
-    for channel in CHANNELS:
-        outer.update(f"{channel}:{channel_sha256[channel]}\n".encode())
-    return outer.hexdigest()
 
 
 def file_fingerprint(paths: Mapping[str, Path]) -> str:
@@ -92,6 +86,13 @@ class EmbeddingCache:
         """Create the cache for `key`, or check that an existing one was made with it."""
         if self.key_file.exists():
             found = self.read_key()
+            if found.get("format") != key["format"]:
+                raise CacheError(
+                    f"{self.folder} was made by an older hpa-edge (cache format {found.get('format')}; this "
+                    f"one writes {key['format']}, which fingerprints stacks as the device does), so embed "
+                    "cannot resume it (train and auc still read it): delete it and rerun embed, or use "
+                    "another --out folder"
+                )
             if found != key:
                 raise CacheError(
                     f"{self.folder} holds embeddings made with other settings "
