@@ -50,6 +50,11 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "agent.tools.bench", "latency and throughput of the device pipeline on this machine", "agent"
     ),
+    "compare": Command(
+        "export.conversion.compare",
+        "time the device pipeline and the float reference (Keras + scikit-learn) on the same stacks",
+        "export",
+    ),
     "demo": Command(
         "agent.tools.demo", "the device side end to end on synthetic stacks (broker, agent, results)", "agent"
     ),

@@ -1,4 +1,4 @@
-"""The float reference the benchmark compares the device pipeline with.
+"""The float reference `hpa-edge compare` times beside the device pipeline.
 
 Keras EfficientNet (the backbone the model was embedded with, float32) plus the trained
 `LocationForests` from `classifiers.pkl`, loaded once and run one stack at a time, each
@@ -20,6 +20,7 @@ class FloatReference:
     def __init__(self, model_dir: Path, weights: str | None = None) -> None:
         trained = read_model(Path(model_dir), weights)
         self.preprocessing = trained.prep
+        self.spec = trained.spec
         self.classifier = trained.classifier
         self.network = build(trained.spec, trained.prep.size)
         self.embed(np.zeros((trained.prep.size, trained.prep.size, 3), np.uint8))  # build the graph once
