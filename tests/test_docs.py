@@ -1,22 +1,76 @@
-"""The operator and dashboard docs stay true to the code: every key documented, examples that parse."""
+"""The README and docs/ stay true to the code and to each other.
+
+The README is a short page: what hpa-edge is, the quick start, the commands table, the data
+path, links. The reference lives in docs/, one file per audience or topic. These tests keep
+that shape honest: every command and configuration key documented, every link and path
+pointing at something that exists, every package on disk described, examples that parse.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import yaml
 
+from agent.cli import COMMANDS
 from agent.service.config import all_keys
+from agent.service.lifecycle import Phase
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
+README = REPO / "README.md"
 SCHEMA = json.loads((REPO / "agent" / "model" / "messages.schema.json").read_text())
+README_MAX_LINES = 150
+
+# Every Markdown file of the project's own documentation (not the demo bundle's notes).
+MARKDOWN = [README, *sorted(DOCS.glob("*.md")), REPO / "models" / "README.md", REPO / "systemd" / "README.md"]
 
 
 def code_blocks(path: Path, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", path.read_text(), re.S)
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks (a '# comment' in a shell block is not a heading)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def section(text: str, heading: str) -> str:
+    """From `heading` (a whole line) to the next heading of the same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    start = text.index(f"\n{heading}\n") + 1
+    following = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start + len(heading))
+    return text[start : following.start() if following else len(text)]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row in `text`, header and separator rows left out."""
+    lines = [line.strip() for line in text.splitlines()]
+    separator = re.compile(r"\|[\s:|-]+\|")
+    rows = []
+    for i, line in enumerate(lines):
+        next_line = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.startswith("|") and not separator.fullmatch(line) and not separator.fullmatch(next_line):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", prose(path.read_text()), re.M)}
+
+
+def links(path: Path) -> list[str]:
+    """The targets of inline Markdown links and images, outside code blocks."""
+    return re.findall(r"\]\(([^)\s]+)\)", prose(path.read_text()))
 
 
 def test_every_configuration_key_is_in_the_operators_reference() -> None:
@@ -25,10 +79,72 @@ def test_every_configuration_key_is_in_the_operators_reference() -> None:
     assert not missing
 
 
-def test_the_readme_links_the_docs() -> None:
-    readme = (REPO / "README.md").read_text()
-    for name in ("operators.md", "dashboards.md", "data-scientists.md", "benchmark.md"):
-        assert f"docs/{name}" in readme
+def test_the_readme_commands_table_is_the_command_table() -> None:
+    rows = table_rows(section(README.read_text(), "## Commands"))
+    documented = {}
+    for row in rows:
+        name = re.match(r"`hpa-edge ([a-z-]+)", row[0])
+        assert name, f"not a command: {row[0]}"
+        documented[name.group(1)] = row[1]
+    assert set(documented) == set(COMMANDS), "README commands table and agent.cli.COMMANDS differ"
+    wrong_extra = {name: extra for name, extra in documented.items() if extra != COMMANDS[name].extra}
+    assert not wrong_extra, "install extra in the README differs from agent.cli.COMMANDS"
+
+
+def test_the_readme_links_every_doc() -> None:
+    linked = {(README.parent / target.split("#")[0]).resolve() for target in links(README)}
+    orphans = [path.name for path in DOCS.glob("*.md") if path.resolve() not in linked]
+    assert not orphans, f"docs not linked from the README: {orphans}"
+
+
+def test_the_readme_stays_a_five_minute_read() -> None:
+    lines = len(README.read_text().splitlines())
+    assert lines < README_MAX_LINES, f"README has {lines} lines; move reference material to docs/"
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_to_files_and_headings_that_exist(path: Path) -> None:
+    broken = []
+    for target in links(path):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:, file:
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+            broken.append(target)
+    assert not broken, f"{path.name}: links to nothing: {broken}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_repository_paths_named_in_the_docs_exist(path: Path) -> None:
+    named = re.findall(r"`((?:agent|export|models|systemd|tests|docs)/[\w./-]*)`", path.read_text())
+    missing = sorted({name for name in named if not (REPO / name).exists()})
+    assert not missing, f"{path.name} names paths that do not exist: {missing}"
+
+
+def test_the_architecture_describes_every_package_on_disk() -> None:
+    text = (DOCS / "architecture.md").read_text()
+    packages = sorted(
+        init.parent.relative_to(REPO).as_posix()
+        for top in ("agent", "export")
+        for init in (REPO / top).rglob("__init__.py")
+        if init.parent != REPO / top
+    )
+    assert packages
+    undescribed = [package for package in packages if f"`{package}/`" not in text]
+    assert not undescribed, f"docs/architecture.md does not describe {undescribed}"
+
+
+def test_the_architecture_lists_the_phases_of_a_stack_in_order() -> None:
+    life = section((DOCS / "architecture.md").read_text(), "### The life of a stack")
+    documented = [row[0] for row in table_rows(life)]
+    assert documented == [phase.name for phase in Phase]
+
+
+def test_the_data_path_picture_is_well_formed_svg() -> None:
+    root = ET.parse(DOCS / "data-path.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "docs/data-path.svg" in links(README)
 
 
 def test_the_node_red_flow_parses_and_reads_fields_the_results_carry() -> None:
@@ -58,8 +174,8 @@ def test_the_home_assistant_example_parses_and_reads_published_fields() -> None:
 
 def test_grafana_fields_named_in_the_docs_exist() -> None:
     text = (DOCS / "dashboards.md").read_text()
-    section = text[text.index("## Grafana") : text.index("## Home Assistant")]
-    named = set(re.findall(r"`([a-z]+_[a-z0-9_]+|processed|failed|quarantined)`", section))
+    grafana = text[text.index("## Grafana") : text.index("## Home Assistant")]
+    named = set(re.findall(r"`([a-z]+_[a-z0-9_]+|processed|failed|quarantined)`", grafana))
     fields = set(SCHEMA["$defs"]["result"]["properties"]) | set(SCHEMA["$defs"]["stats"]["properties"])
     assert (
         named - {"json_string_fields", "data_format", "stack_id", "mqtt_consumer", "stats_interval"} <= fields
