@@ -94,6 +94,7 @@ rm -rf "$OPT/models"
 mkdir -p "$OPT/models"
 cp -r "$BUNDLE" "$OPT/models/$(basename "$BUNDLE")"
 cp "$SRC/README.md" "$OPT/README.md"
+rm -rf "$OPT/docs" && cp -r "$SRC/docs" "$OPT/docs"  # the README links into docs/
 BUNDLE_PATH="/opt/hpa-edge/models/$(basename "$BUNDLE")"
 
 say "configuration $ETC"

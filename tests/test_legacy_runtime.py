@@ -5,7 +5,7 @@ give identical pixels and identical label sets on every stack (embedding cosine 
 With an int8 bundle they do not compute the same thing: LiteRT runs int8 through XNNPACK,
 tflite-runtime 2.14 through its built-in kernels (both agree exactly when LiteRT's default
 delegate is switched off); embeddings differ at cosine ~0.999, enough to move scores by a few
-hundredths and flip labels that sit on a threshold. Hence the advice in the README: devices on
+hundredths and flip labels that sit on a threshold. Hence the advice in docs/operators.md: devices on
 tflite-runtime get a float32 bundle.
 """
 

@@ -131,6 +131,12 @@ def test_install_and_uninstall_into_a_temporary_root(tmp_path: Path) -> None:
     assert (root / "etc" / "hpa-edge" / "agent.toml").read_text() == (
         REPO / "agent" / "service" / "agent.example.toml"
     ).read_text()
+    documentation = re.search(
+        r"^Documentation=(.*)$", (REPO / "systemd" / "hpa-edge.service").read_text(), re.M
+    )
+    assert documentation is not None
+    for uri in documentation.group(1).split():  # what `systemctl help hpa-edge` opens is installed
+        assert (root / uri.removeprefix("file:///")).is_file(), uri
 
     # the device environment: the agent extra and nothing of the workstation
     python = root / "opt" / "hpa-edge" / "venv" / "bin" / "python"

@@ -8,7 +8,8 @@
 - ANALYSED: it has a result or an error (a SEEN stack that stays incomplete too long goes
   straight here as `quarantined`; a file whose name cannot be a stack id as `failed`).
 - RECORDED: its ledger and outbox rows are committed; from here on it is never analysed
-  again. A failed commit sends it back to COMPLETE, to be analysed again at the next look.
+  again. A failed commit takes it out of the book: the next look sees it afresh and analyses
+  it again.
 - DISPOSED: its files are moved, deleted or deliberately left. A failed move keeps it
   RECORDED with a time to try again, and only the files still in the folder are retried,
   so a half-moved stack is never mistaken for a new, incomplete one.
