@@ -24,7 +24,9 @@ from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="channel files or folders")
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
-    parser.add_argument("--pattern", default=KAGGLE_PATTERN, help="file-name regular expression (see docs/stacks.md)")
+    parser.add_argument(
+        "--pattern", default=KAGGLE_PATTERN, help="file-name regular expression (see docs/stacks.md)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the embedder (default 2)")
     parser.add_argument("--instrument", default="predict", help="instrument name put in the results")
 
