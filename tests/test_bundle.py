@@ -132,7 +132,7 @@ def test_verify_command_says_ok_or_exactly_what_is_wrong(
 def test_export_fails_the_fidelity_gate_loudly_and_writes_no_bundle(
     synthetic_set: Path, small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from export.make_bundle import run
+    from export.conversion.make_bundle import run
 
     out = tmp_path / "refused"
     args = export_args(

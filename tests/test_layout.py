@@ -3,7 +3,8 @@
 agent/stacks (reading) < agent/model (bundle, runtimes, analysis) < agent/service (the agent)
 < agent/tools (commands): a room imports only rooms below it and itself. The device side
 (`agent`) never imports `export`, TensorFlow, Keras or scikit-learn; `export` may import
-`agent`. Imports inside functions count too: a lazy import is still a door.
+`agent`. On the workstation side, export/reports < data < features < training < conversion
+in the same way. Imports inside functions count too: a lazy import is still a door.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ROOMS = ("agent.stacks", "agent.model", "agent.service", "agent.tools")
+EXPORT_ROOMS = (
+    "export.reports",
+    "export.data",
+    "export.features",
+    "export.training",
+    "export.conversion",
+)
 WORKSTATION_ONLY = ("export", "tensorflow", "keras", "sklearn", "skl2onnx", "onnx", "torch")
 
 
@@ -36,8 +44,8 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
                 yield node.lineno, f"{node.module}.{alias.name}"
 
 
-def room_of(module: str) -> int | None:
-    for rank, room in enumerate(ROOMS):
+def room_of(module: str, rooms: tuple[str, ...] = ROOMS) -> int | None:
+    for rank, room in enumerate(rooms):
         if module == room or module.startswith(room + "."):
             return rank
     return None
@@ -45,6 +53,10 @@ def room_of(module: str) -> int | None:
 
 def device_files() -> list[Path]:
     return sorted((REPO / "agent").rglob("*.py"))
+
+
+def workstation_files() -> list[Path]:
+    return sorted((REPO / "export").rglob("*.py"))
 
 
 def test_every_agent_module_lives_in_a_room() -> None:
@@ -84,6 +96,27 @@ def test_the_device_side_never_imports_the_workstation(path: Path) -> None:
         f"line {line}: {module}" for line, module in imports(path) if module.split(".")[0] in WORKSTATION_ONLY
     ]
     assert found == []
+
+
+def test_every_export_module_lives_in_a_room() -> None:
+    nested = [p for p in workstation_files() if p.parent != REPO / "export"]
+    loose = [
+        module_name(p) for p in nested if room_of(module_name(p), (*EXPORT_ROOMS, "export.reference")) is None
+    ]
+    assert loose == []
+
+
+@pytest.mark.parametrize("path", workstation_files(), ids=lambda p: module_name(p))
+def test_an_export_room_imports_only_rooms_before_it(path: Path) -> None:
+    here = room_of(module_name(path), EXPORT_ROOMS)
+    if here is None:
+        return
+    upward = [
+        f"line {line}: {module}"
+        for line, module in imports(path)
+        if (there := room_of(module, EXPORT_ROOMS)) is not None and there > here
+    ]
+    assert upward == []
 
 
 def test_the_layout_check_sees_an_upward_import(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_the_legacy_runtime_accepts_the_demo_bundle_golden_vectors(legacy_python
 def test_a_float32_bundle_gives_the_same_labels_on_the_real_stacks_as_litert(
     legacy_python: Path, small_model: Path, synthetic_set: Path, real_dir: Path, tmp_path: Path
 ) -> None:
-    from export.make_bundle import export
+    from export.conversion.make_bundle import export
 
     bundle = tmp_path / "float32"
     assert export(export_args(model=small_model, data=synthetic_set, out=bundle, quantization="float32")) == 0
