@@ -275,7 +275,10 @@ def test_a_stack_half_moved_when_a_move_fails_is_finished_later_not_quarantined(
     from agent.service.files import move_file
     from tests.helpers import write_stack
 
-    config = config_for(tmp_path, broker.port, {"watch": {"incomplete_timeout": 1.0}})
+    # A rescan far off: the retry must come on its own time, not with the next full look.
+    config = config_for(
+        tmp_path, broker.port, {"watch": {"incomplete_timeout": 1.0, "rescan_interval": 60.0}}
+    )
     calls: list[Path] = []
 
     def full_after_one(source: Path, folder: Path) -> Path:

@@ -179,3 +179,10 @@ def test_the_table_only_moves_a_stack_forward() -> None:
             continue  # entering the book
         for target in targets:
             assert target is None or order.index(target) > order.index(phase), (phase, target)
+
+
+def test_the_next_retry_is_the_earliest_failed_disposal() -> None:
+    book = recorded_book()
+    assert book.next_retry() is None
+    book.dispose_failed("s", retry_at=11.0)
+    assert book.next_retry() == 11.0

@@ -207,6 +207,9 @@ class Agent:
             # Every look is a full listing; events only bring the next one forward.
             polling = self.watcher.mode == "polling" or self.book.waiting
             wait = self.config.watch.poll_interval if polling else self.config.watch.rescan_interval
+            retry = self.book.next_retry()  # a failed move is tried again on time, not at the next rescan
+            if retry is not None:
+                wait = min(wait, max(retry - self.clock(), 0.0))
             self.watcher.wake.wait(min(wait, longest))
             self.watcher.wake.clear()
             if self.drainer is not None and self.drainer.failure is not None:

@@ -151,6 +151,11 @@ class StackBook:
         life = self.lives.get(stack_id)
         return life is None or life.phase in (Phase.SEEN, Phase.COMPLETE)
 
+    def next_retry(self) -> float | None:
+        """When the earliest failed disposal is due again, if any."""
+        times = [life.retry_at for life in self.lives.values() if life.retry_at is not None]
+        return min(times) if times else None
+
     @property
     def waiting(self) -> int:
         """Stacks seen but not analysed yet."""
