@@ -15,13 +15,15 @@ checks what the device relies on without needing a schema library. No pickle is 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.model import thresholds as threshold_rule
+from agent.model.novelty import NoveltyReference
+from agent.model.review import Trust
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.stacks.digest import file_sha256
@@ -66,6 +68,7 @@ class Bundle:
     classifier: Classifier
     sha256: str  # of manifest.json, which pins every other file by hash
     golden: GoldenCheck | None = None
+    trust: Trust = field(default_factory=Trust)
 
     @property
     def purpose(self) -> str:
@@ -166,10 +169,47 @@ def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bu
         embedder=embedder,
         classifier=classifier,
         sha256=file_sha256(folder / MANIFEST),
+        trust=read_trust(folder, manifest, classifier.n_features),
     )
     if check_golden:
         bundle.golden = run_golden(bundle)
     return bundle
+
+
+STATUSES = ("trained", "not trained", "not predicted")
+
+
+def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust:
+    """The optional `locations`, `novelty` and `quality` entries; BundleError when malformed."""
+    where = folder / MANIFEST
+    margins = np.zeros(len(LOCATIONS))
+    available = np.ones(len(LOCATIONS), dtype=bool)
+    locations = manifest.get("locations")
+    if locations is not None:
+        if [entry.get("name") for entry in locations] != list(LOCATIONS):
+            raise BundleError(f"{where}: locations are not the 28 locations in the agent's order")
+        for i, entry in enumerate(locations):
+            if entry.get("status") not in STATUSES:
+                raise BundleError(
+                    f"{where}: {entry['name']}: status {entry.get('status')!r} is not one of {STATUSES}"
+                )
+            margin = float(entry.get("margin", 0.0))
+            if not margin >= 0:
+                raise BundleError(f"{where}: {entry['name']}: margin {margin} is negative")
+            margins[i], available[i] = margin, entry["status"] == "trained"
+    reference, limit = None, None
+    if "novelty" in manifest["files"]:
+        path = folder / manifest["files"]["novelty"]["path"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                reference = NoveltyReference(data["mean"], data["components"], data["scales"])
+            limit = float(manifest["novelty"]["threshold"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{path}: unreadable novelty reference: {exc}") from None
+        if reference.mean.shape != (n_features,) or reference.components.shape[1:] != (n_features,):
+            raise BundleError(f"{path}: novelty reference is not for {n_features} features")
+    quality = manifest.get("quality", {}).get("reference")
+    return Trust(margins, available, reference, limit, quality)
 
 
 def run_golden(bundle: Bundle) -> GoldenCheck:

@@ -3,7 +3,8 @@
 The contract is written down as a JSON Schema, `agent/messages.schema.json`; tests validate
 real messages against it. Topics under the prefix (`hpa-edge/<instrument>` by default):
 - `status`: retained "online" / "offline" (also the last will);
-- `results`: one document per stack, QoS 1; `latest`: the same, retained;
+- `results`: one document per stack, QoS 1; `latest`: the same, retained; `review`: the
+  results flagged for a person to look at (`review` true), QoS 1;
 - `errors`: one document per stack that could not be processed, QoS 1;
 - `stats`: periodic counters and latencies, QoS 0.
 Delivery is at-least-once, so every result and error carries a `msg_id` that depends only
@@ -25,7 +26,7 @@ from agent.stacks.labels import LOCATIONS
 MESSAGE_SCHEMA_VERSION = 1
 ONLINE = b"online"
 OFFLINE = b"offline"
-KINDS = ("status", "results", "latest", "errors", "stats")
+KINDS = ("status", "results", "latest", "review", "errors", "stats")
 
 
 def topic(prefix: str, kind: str) -> str:
@@ -61,7 +62,10 @@ def result_document(
     bundle: Mapping[str, str],
     timings_ms: Mapping[str, float],
     time: str | None = None,
+    trust: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`trust`: the review fields (review, review_reasons, near_threshold, novelty, unavailable) and
+    the image-quality figures (as quality_<name>), flat at the top level like everything else."""
     if len(probabilities) != len(LOCATIONS) or len(labels) != len(LOCATIONS):
         raise ValueError(f"a result needs {len(LOCATIONS)} scores and labels")
     document: dict[str, Any] = {
@@ -81,6 +85,7 @@ def result_document(
     }
     for stage, ms in timings_ms.items():
         document[f"{stage}_ms"] = round(float(ms), 3)
+    document.update(trust or {})
     return document
 
 

@@ -17,10 +17,17 @@ from agent.service.state import Ledger, Message, Record
 
 
 def record_of(analysis: Analysis) -> Record:
-    """The ledger row and outbox message of one analysis."""
-    topic = "results" if analysis.kind == "result" else "errors"
-    message = Message(topic, analysis.msg_id, messages.encode(document_of(analysis)))
-    return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, (message,))
+    """The ledger row and outbox messages of one analysis: a result (also on `review` when it is
+    flagged for a person, so experts can subscribe to those alone) or an error."""
+    payload = messages.encode(document_of(analysis))
+    if analysis.kind != "result":
+        kinds: tuple[str, ...] = ("errors",)
+    elif analysis.document.get("review"):
+        kinds = ("results", "review")
+    else:
+        kinds = ("results",)
+    sent = tuple(Message(kind, analysis.msg_id, payload) for kind in kinds)
+    return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, sent)
 
 
 class Recorder:

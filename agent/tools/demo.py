@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,7 @@ class Results:
         self.truth = truth
         self.total = total
         self.count = 0
+        self.compared: list[Comparison] = []
         self.online = threading.Event()
         self.lock = threading.Lock()
         self.client = make_client(broker)
@@ -159,18 +162,44 @@ class Results:
             self.online.set()
         if kind not in ("results", "errors"):
             return
-        import json
-
         with self.lock:
             self.count += 1
             row = format_row(message.topic, message.payload) or ""
-            stack = json.loads(message.payload).get("stack_id", "")
-            truth = ", ".join(self.truth.get(stack, [])) or "?"
-            print(f"[{self.count:>2}/{self.total}] {row}\n        painted: {truth}", flush=True)
+            document = json.loads(message.payload)
+            painted = self.truth.get(document.get("stack_id", ""), [])
+            self.compared.append(compare(document, painted))
+            print(
+                f"[{self.count:>2}/{self.total}] {row}\n        painted: {', '.join(painted) or '?'}",
+                flush=True,
+            )
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    exact: bool  # the label set is the painted one
+    main: bool  # the top-scoring location is one of the painted ones
+    flagged: bool  # the agent asked for a person to look
+
+
+def compare(document: dict[str, Any], painted: list[str]) -> Comparison:
+    if document.get("kind") != "result":
+        return Comparison(False, False, False)
+    scores = document.get("scores", {})
+    top = max(scores, key=scores.get) if scores else None
+    return Comparison(set(document["labels"]) == set(painted), top in painted, bool(document.get("review")))
+
+
+def summary(compared: list[Comparison]) -> str:
+    n = len(compared)
+    exact, main, flagged = (sum(getattr(c, key) for c in compared) for key in ("exact", "main", "flagged"))
+    return (
+        f"against the painted labels: {exact} of {n} label sets exact, {main} of {n} share the main "
+        f"(top-scoring) label; {flagged} of {n} flagged for review"
+    )
 
 
 def read_truth(labels_csv: Path) -> dict[str, list[str]]:
@@ -240,4 +269,6 @@ def run(args: argparse.Namespace) -> int:
             say(f"agent stopped (exit {agent.returncode})")
     got, seconds = results.count, time.monotonic() - started
     say(f"{got} of {len(truth)} stacks reported in {seconds:.1f} s; files: {incoming}/done")
+    if results.compared:
+        say(summary(results.compared))
     return 0 if got == len(truth) and agent.returncode == 0 else 1

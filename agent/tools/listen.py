@@ -2,10 +2,12 @@
 
 What an operator runs to check that a microscope's agent is alive and publishing: it
 subscribes to results, errors and status (default `hpa-edge/+/#` without stats) and prints
-one line per message. `--count N` exits after N results or errors, `--seconds S` after S
-seconds; `--json` prints the raw documents instead of the table. The broker options are the
-agent's own (`--protocol`, `--username`/`--password-file`, `--tls` with `--ca-file`,
-`--cert-file`, `--key-file`), so whatever the agent can reach, `listen` can too.
+one line per message. A label near its threshold is shown with `?`; a result flagged for
+review ends with `REVIEW:` and its reasons (`--topic 'hpa-edge/+/review'` shows only those).
+`--count N` exits after N results or errors, `--seconds S` after S seconds; `--json` prints
+the raw documents instead of the table. The broker options are the agent's own
+(`--protocol`, `--username`/`--password-file`, `--tls` with `--ca-file`, `--cert-file`,
+`--key-file`), so whatever the agent can reach, `listen` can too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def format_row(topic: str, payload: bytes) -> str | None:
     kind = topic.rsplit("/", 1)[-1]
     if kind == "status":
         return f"{'':24} {topic.split('/')[-2]:<14} status: {payload.decode(errors='replace')}"
-    if kind not in ("results", "errors"):
+    if kind not in ("results", "errors", "review"):
         return None
     try:
         doc: dict[str, Any] = json.loads(payload)
@@ -49,11 +51,13 @@ def format_row(topic: str, payload: bytes) -> str | None:
         return f"{where} ERROR {doc.get('code')}: {doc.get('message')}"
     scores = doc.get("scores", {})
     top = max(scores.items(), key=lambda kv: kv[1]) if scores else ("-", 0.0)
-    labels = ", ".join(doc.get("labels", [])) or "(none)"
+    near = set(doc.get("near_threshold", []))
+    labels = ", ".join(f"{name}?" if name in near else name for name in doc.get("labels", [])) or "(none)"
     demo = " [demo]" if doc.get("purpose") == "demo" else ""
+    flag = f" | REVIEW: {', '.join(doc.get('review_reasons', []))}" if doc.get("review") else ""
     return (
         f"{doc.get('time', ''):<24} {doc.get('instrument', ''):<14} {stack:<36} {labels}{demo}"
-        f"  | top {top[0]} {top[1]:.2f} | {doc.get('total_ms', 0):.1f} ms"
+        f"  | top {top[0]} {top[1]:.2f} | {doc.get('total_ms', 0):.1f} ms{flag}"
     )
 
 
@@ -72,15 +76,16 @@ def listen(args: argparse.Namespace, broker: Broker, out: TextIO = sys.stdout) -
     def on_message(client: Any, userdata: Any, message: Any) -> None:
         nonlocal seen
         kind = message.topic.rsplit("/", 1)[-1]
+        if kind in ("stats", "review") and kind not in args.topic:
+            return  # stats only when asked; a flagged result already came on results
         if args.json:
-            if kind != "stats" or "stats" in args.topic:
-                out.write(message.payload.decode(errors="replace") + "\n")
+            out.write(message.payload.decode(errors="replace") + "\n")
         else:
             row = format_row(message.topic, message.payload)
             if row is not None:
                 out.write(row + "\n")
         out.flush()
-        if kind in ("results", "errors"):
+        if kind in ("results", "errors", "review"):
             seen += 1
             if args.count and seen >= args.count:
                 done.set()

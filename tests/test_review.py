@@ -1,0 +1,150 @@
+"""The per-stack review flag and the bundle's trust entries it is built from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.model.bundle import BundleError, load_bundle
+from agent.model.novelty import NoveltyReference
+from agent.model.review import Trust, review
+from agent.model.thresholds import near
+from agent.stacks.digest import file_sha256
+from agent.stacks.labels import LOCATIONS
+from tests.conftest import REPO
+
+N = len(LOCATIONS)
+THRESHOLDS = np.full(N, 0.5)
+
+
+def scores(**by_name: float) -> np.ndarray:
+    out = np.zeros(N)
+    for name, value in by_name.items():
+        out[LOCATIONS.index(name.replace("_", " "))] = value
+    return out
+
+
+def test_a_score_within_the_margin_on_either_side_is_near_its_threshold() -> None:
+    flags = near(np.array([[0.45, 0.55, 0.30, 0.70]]), np.full(4, 0.5), np.full(4, 0.1))
+    assert flags.tolist() == [[True, True, False, False]]
+
+
+def test_a_zero_margin_never_marks_a_label_uncertain() -> None:
+    assert not near(np.array([0.5]), np.array([0.5]), np.array([0.0])).any()
+
+
+def test_a_confident_labelled_stack_is_not_flagged() -> None:
+    p = scores(Nucleoplasm=0.9)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(margins=np.full(N, 0.1)), None)
+    assert (verdict.flagged, verdict.reasons, verdict.near) == (False, [], [])
+
+
+def test_a_label_near_its_threshold_flags_the_stack_and_names_the_location() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.55)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(margins=np.full(N, 0.1)), None)
+    assert verdict.reasons == ["near_threshold"]
+    assert verdict.near == ["Cytosol"]
+
+
+def test_a_near_miss_is_uncertain_too() -> None:
+    p = scores(Nucleoplasm=0.9, Golgi_apparatus=0.45)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(margins=np.full(N, 0.1)), None)
+    assert verdict.near == ["Golgi apparatus"]
+
+
+def test_a_location_the_bundle_cannot_predict_is_never_near() -> None:
+    available = np.ones(N, dtype=bool)
+    available[LOCATIONS.index("Cytosol")] = False
+    p = scores(Nucleoplasm=0.9, Cytosol=0.5)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(np.full(N, 0.1), available), None)
+    assert verdict.near == []
+
+
+def test_a_stack_with_no_label_is_flagged() -> None:
+    p = scores(Nucleoplasm=0.1)
+    assert review(p, p >= THRESHOLDS, THRESHOLDS, Trust(), None).reasons == ["no_label"]
+
+
+def test_features_far_from_the_training_data_are_flagged_novel() -> None:
+    rng = np.random.default_rng(0)
+    reference = NoveltyReference.fit(rng.normal(size=(500, 8)), n_components=4)
+    trust = Trust(novelty=reference, novelty_threshold=3.0)
+    p = scores(Nucleoplasm=0.9)
+    typical = review(p, p >= THRESHOLDS, THRESHOLDS, trust, np.zeros(8))
+    strange = review(p, p >= THRESHOLDS, THRESHOLDS, trust, np.full(8, 40.0))
+    assert "novel_input" not in typical.reasons
+    assert strange.reasons == ["novel_input"]
+    assert strange.novelty is not None
+    assert strange.novelty > 3.0
+
+
+def test_image_quality_reasons_are_carried_into_the_verdict() -> None:
+    p = scores(Nucleoplasm=0.9)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(), None, ["saturated"])
+    assert verdict.reasons == ["saturated"]
+
+
+# The bundle's optional trust entries -------------------------------------------------------
+def bundle_with(tmp_path: Path, **manifest_changes: object) -> Path:
+    folder = tmp_path / "bundle"
+    shutil.copytree(REPO / "models" / "demo", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(manifest_changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def locations(status: str = "trained", margin: float = 0.05) -> list[dict[str, object]]:
+    return [
+        {"name": name, "status": status, "positives": 20, "threshold": 0.5, "margin": margin}
+        for name in LOCATIONS
+    ]
+
+
+@pytest.mark.integration
+def test_a_bundle_without_trust_entries_gives_no_margins_and_predicts_everything(demo_bundle) -> None:
+    trust = demo_bundle.trust
+    assert not trust.margins.any()
+    assert trust.unavailable == []
+    assert trust.novelty is None
+
+
+@pytest.mark.integration
+def test_locations_give_margins_and_what_the_bundle_cannot_predict(tmp_path: Path) -> None:
+    entries = locations()
+    entries[LOCATIONS.index("Endosomes")] |= {"status": "not trained", "positives": 2, "margin": 0.0}
+    bundle = load_bundle(bundle_with(tmp_path, locations=entries), check_golden=False)
+    assert bundle.trust.unavailable == ["Endosomes"]
+    assert bundle.trust.margins[0] == pytest.approx(0.05)
+
+
+@pytest.mark.integration
+def test_locations_out_of_order_are_refused(tmp_path: Path) -> None:
+    entries = locations()[::-1]
+    with pytest.raises(BundleError, match="locations are not the 28 locations"):
+        load_bundle(bundle_with(tmp_path, locations=entries), check_golden=False)
+
+
+@pytest.mark.integration
+def test_an_unknown_status_is_refused_with_the_location_named(tmp_path: Path) -> None:
+    entries = locations()
+    entries[3]["status"] = "maybe"
+    with pytest.raises(BundleError, match="Nucleoli fibrillar center: status 'maybe'"):
+        load_bundle(bundle_with(tmp_path, locations=entries), check_golden=False)
+
+
+@pytest.mark.integration
+def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> None:
+    folder = bundle_with(tmp_path)
+    reference = NoveltyReference.fit(np.random.default_rng(0).normal(size=(50, 10)), n_components=4)
+    np.savez(folder / "novelty.npz", **reference.arrays())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["novelty"] = {"path": "novelty.npz", "sha256": file_sha256(folder / "novelty.npz")}
+    manifest["novelty"] = {"threshold": 3.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="novelty reference is not for 1280 features"):
+        load_bundle(folder, check_golden=False)
