@@ -1,0 +1,253 @@
+"""Image-quality figures of one decoded stack, and the reasons not to trust its result.
+
+Cheap enough for every stack on the device (well under a millisecond for four 512 x 512
+channels): each channel is looked at through a regular subsample about 128 pixels across
+(every 4th pixel of a 512 x 512 channel, every 16th of a 2048 x 2048 one), and focus
+through one about 256 across, so the cost hardly grows with the image size. Focus is
+thereby judged at about the scale the model sees, whatever the camera's pixel count.
+
+Figures (`measure`): flat numbers, named for the result document (`quality_<name>`).
+
+- `brightness_<channel>`: (99.9th - 1st percentile) / full scale, 0..1: how far the
+  brightest structures rise above the channel's floor (camera offset, background).
+- `saturated_<channel>`: share of the field at the channel's own maximum value, 0..1.
+- `saturated_signal_<channel>`: share of the channel's stained pixels (above its Otsu
+  threshold) that sit at that maximum, 0..1.
+- `nucleus_fraction`: share of the field covered by nuclei (the blue channel's Otsu
+  foreground), 0..1; 0 when that foreground does not stand out of the background noise.
+- `nucleus_contrast`: how far that foreground stands out: mean inside minus mean outside
+  (smoothed), over the pixel noise of the background. Below 3, what Otsu found is noise.
+- `focus`: sharpness of the nucleus channel, mean squared Laplacian over mean squared
+  gradient. A characteristic spatial frequency: independent of brightness and of how many
+  nuclei there are, it falls steeply as the image blurs; 0 for a flat channel.
+
+Full scale and saturation. 8-bit data: 255. 16-bit data: 2**bits - 1 with `bits` the
+camera's bit depth when given, else the smallest of 12, 14 or 16 bits that holds the
+brightest pixel of the stack (a 12-bit camera writing 16-bit files saturates at 4095, and
+cameras for fluorescence have at least 12 bits). A channel's saturation is the share of its
+pixels that sit exactly at its own maximum value, whatever that value is (so a camera that
+clips at 4095, or at 65535 less an offset, is caught too), counted only when that maximum
+is at least a quarter of the full scale and above the channel's minimum: a dim or flat
+channel has many pixels at its maximum without any clipping.
+
+Checks (`assess`) give short reason codes, each independent of the others:
+
+- `empty_field`: nuclei cover less than 0.2% of the field (about half a nucleus in a
+  512 x 512 HPA image). A blank nucleus channel gives it too, beside `dark_channel:blue`.
+- `saturated:<channel>`: at least 10% of the field at the maximum, or at least 2% of it
+  when that is also at least 60% of the channel's stained pixels (a sparse field whose
+  cells are nearly all clipped). Real HPA images clip small bright structures routinely;
+  those are not flagged.
+- `dark_channel:<channel>`: brightness below 0.04 (about 10 of 255): wrong exposure or a
+  missing stain.
+- `out_of_focus`: focus below 0.04; not judged on an empty field.
+
+With a reference (`reference_from` on the training stacks' figures, stored in the bundle),
+focus and darkness are judged against the training range instead: `out_of_focus` below half
+the training range's low end (its 0.5th percentile), `dark_channel` below half of it (and
+always below 0.01), and `empty_field` also fires below a tenth of the training low end of
+the nucleus fraction. Saturation is judged by the absolute rule only. The thresholds were
+set on the 101 real HPA stacks and on synthetic ones, degraded on purpose
+(docs/stacks.md#image-quality).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.stacks.labels import CHANNELS
+
+NUCLEUS_CHANNEL = "blue"
+STATS_SIDE = 128  # per-channel figures and nuclei come from a subsample this many pixels across
+FOCUS_SIDE = 256  # focus from a finer one
+NOISE_FLOOR = 0.25  # pixel noise is taken as at least this, in the data's own units
+
+# Absolute thresholds, set by measurement (docs/stacks.md#image-quality).
+DARK_BRIGHTNESS = 0.04  # brightness below this: the channel is nearly black
+SATURATED_SHARE = 0.10  # this share of a channel's field at its maximum: saturated, or
+SATURATED_PART = 0.02  # this share of it when that is also
+SATURATED_SIGNAL = 0.6  # this share of its stained pixels
+EMPTY_NUCLEUS_FRACTION = 0.002  # nuclei cover less than this: an empty field
+NUCLEUS_MIN_CONTRAST = 3.0  # Otsu's foreground standing out less than this is noise
+FOCUS_MIN = 0.04  # focus below this: far out of focus
+
+# Relative checks against a reference's training range.
+REFERENCE_VERSION = 1
+REFERENCE_PERCENTILES = (0.5, 50.0, 99.5)  # stored as low, median, high
+FOCUS_FACTOR = 0.5  # out of focus: below half the training low end
+DARK_FACTOR = 0.5  # dark: below half the training low end
+DARK_FLOOR = 0.01  # ... and dark whatever the training range below this
+EMPTY_FACTOR = 0.1  # empty: also below a tenth of the training low end
+
+
+def measure(channels: Mapping[str, np.ndarray], bits: int | None = None) -> dict[str, float]:
+    """The figures of one decoded stack (raw channels, uint8 or uint16, any size).
+
+    `bits` is the camera's bit depth for 16-bit data when known; see the module docstring.
+    """
+    names = [c for c in CHANNELS if c in channels]
+    for name in names:
+        if channels[name].dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"{name} is {channels[name].dtype}; quality figures need uint8 or uint16")
+    samples = {c: _sample(np.asarray(channels[c]), STATS_SIDE) for c in names}
+    full = _full_scale(samples, bits)
+    figures: dict[str, float] = {}
+    for name in names:
+        figures.update(_channel_figures(name, samples[name], full))
+    if NUCLEUS_CHANNEL in channels:
+        fraction, contrast = _nuclei(samples[NUCLEUS_CHANNEL].astype(np.float32))
+        figures["nucleus_fraction"] = fraction
+        figures["nucleus_contrast"] = contrast
+        fine = _sample(np.asarray(channels[NUCLEUS_CHANNEL]), FOCUS_SIDE).astype(np.float32)
+        figures["focus"] = _focus(fine)
+    return figures
+
+
+def reference_from(figures: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Training ranges of the figures (low, median and high percentiles); JSON-serialisable."""
+    if not figures:
+        raise ValueError("reference_from needs the figures of at least one stack")
+    names = sorted(set().union(*(f.keys() for f in figures)))
+    ranges: dict[str, dict[str, float]] = {}
+    for name in names:
+        values = np.array([float(f[name]) for f in figures if name in f], dtype=np.float64)
+        low, median, high = np.percentile(values, REFERENCE_PERCENTILES)
+        ranges[name] = {"low": float(low), "median": float(median), "high": float(high)}
+    return {
+        "version": REFERENCE_VERSION,
+        "stacks": len(figures),
+        "percentiles": list(REFERENCE_PERCENTILES),
+        "figures": ranges,
+    }
+
+
+def assess(figures: Mapping[str, float], reference: Mapping[str, Any] | None) -> list[str]:
+    """Reason codes for one stack's figures, [] when nothing is wrong (see the module doc)."""
+    ranges = reference.get("figures", {}) if reference else {}
+
+    def low_end(name: str) -> float | None:
+        entry = ranges.get(name)
+        return float(entry["low"]) if isinstance(entry, Mapping) and "low" in entry else None
+
+    reasons: list[str] = []
+    empty = False
+    fraction = figures.get("nucleus_fraction")
+    if fraction is not None:
+        floor = EMPTY_NUCLEUS_FRACTION
+        low = low_end("nucleus_fraction")
+        if low is not None:
+            floor = max(floor, EMPTY_FACTOR * low)
+        empty = fraction < floor
+        if empty:
+            reasons.append("empty_field")
+    for name in CHANNELS:
+        share = figures.get(f"saturated_{name}", 0.0)
+        signal = figures.get(f"saturated_signal_{name}", 0.0)
+        if share >= SATURATED_SHARE or (share >= SATURATED_PART and signal >= SATURATED_SIGNAL):
+            reasons.append(f"saturated:{name}")
+    for name in CHANNELS:
+        brightness = figures.get(f"brightness_{name}")
+        if brightness is None:
+            continue
+        low = low_end(f"brightness_{name}")
+        floor = DARK_BRIGHTNESS if low is None else max(DARK_FLOOR, DARK_FACTOR * low)
+        if brightness < floor:
+            reasons.append(f"dark_channel:{name}")
+    focus = figures.get("focus")
+    if focus is not None and not empty:
+        low = low_end("focus")
+        floor = FOCUS_MIN if low is None else FOCUS_FACTOR * low
+        if focus < floor:
+            reasons.append("out_of_focus")
+    return reasons
+
+
+def _sample(pixels: np.ndarray, side: int) -> np.ndarray:
+    """A regular subsample about `side` pixels across (a contiguous copy)."""
+    step = max(1, -(-max(pixels.shape[:2]) // side))
+    if step == 1:
+        return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels[step // 2 :: step, step // 2 :: step])
+
+
+def _full_scale(samples: Mapping[str, np.ndarray], bits: int | None) -> int:
+    first = next(iter(samples.values()), None)
+    if first is None or first.dtype == np.uint8:
+        return 255
+    if bits is None:
+        peak = max(int(s.max()) for s in samples.values())
+        bits = next((b for b in (12, 14) if peak < 2**b), 16)
+    return 2**bits - 1
+
+
+def _channel_figures(name: str, sample: np.ndarray, full: int) -> dict[str, float]:
+    """brightness_, saturated_ and saturated_signal_ of one channel's subsample."""
+    if sample.dtype == np.uint8:
+        view = sample
+    else:  # 16-bit: 8-bit view in 1/256ths of the full scale, for the histogram
+        view = np.minimum(sample >> max(0, full.bit_length() - 8), 255).astype(np.uint8)
+    hist = cv2.calcHist([view], [0], None, [256], [0, 256]).ravel()
+    cumulative = np.cumsum(hist)
+    n = float(cumulative[-1])
+    low, high = np.searchsorted(cumulative, (0.01 * n, 0.999 * n))
+    brightness = max(0.0, float(high) - float(low)) / 255.0
+    lowest, top, _, _ = cv2.minMaxLoc(sample)
+    at_top = 0
+    stained = 0.0
+    if top > lowest and top >= full / 4:  # a flat or dim channel is not saturated
+        at_top = int(hist[int(top)]) if view is sample else int(np.count_nonzero(sample == top))
+        threshold, _ = cv2.threshold(view, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        stained = float(hist[int(threshold) + 1 :].sum())
+    return {
+        f"brightness_{name}": brightness,
+        f"saturated_{name}": at_top / n,
+        f"saturated_signal_{name}": min(1.0, at_top / stained) if stained else 0.0,
+    }
+
+
+def _nuclei(nucleus: np.ndarray) -> tuple[float, float]:
+    """(share of the field covered by nuclei, their contrast over the background noise).
+
+    Nuclei are the Otsu foreground of the smoothed nucleus channel, counted only when
+    they stand out of the background by NUCLEUS_MIN_CONTRAST times the pixel noise (the
+    background's scatter around the smoothed image): an empty field's noise splits too.
+    """
+    smooth = cv2.GaussianBlur(nucleus, (0, 0), 1.0)
+    low, high, _, _ = cv2.minMaxLoc(smooth)
+    if high - low <= 1e-6:
+        return 0.0, 0.0
+    scale = 255.0 / (high - low)
+    scaled = cv2.convertScaleAbs(smooth, alpha=scale, beta=-low * scale)
+    _, mask = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    covered = cv2.countNonZero(mask)
+    if covered == 0 or covered == mask.size:
+        return 0.0, 0.0
+    background = cv2.bitwise_not(mask)
+    inside = cv2.mean(smooth, mask=mask)[0]
+    outside = cv2.mean(smooth, mask=background)[0]
+    _, noise = cv2.meanStdDev(cv2.subtract(nucleus, smooth), mask=background)
+    contrast = (inside - outside) / max(float(noise[0, 0]), NOISE_FLOOR)
+    fraction = covered / mask.size if contrast >= NUCLEUS_MIN_CONTRAST else 0.0
+    return float(fraction), float(contrast)
+
+
+def _focus(nucleus: np.ndarray) -> float:
+    """Mean squared Laplacian over mean squared gradient.
+
+    Each derivative is reduced to its sum of squares before the next is made: holding three
+    256 x 256 float images at once costs more in fresh memory pages than the filters do.
+    """
+    laplacian = _energy(cv2.Laplacian(nucleus, cv2.CV_32F))
+    gradient = _energy(cv2.Sobel(nucleus, cv2.CV_32F, 1, 0)) + _energy(cv2.Sobel(nucleus, cv2.CV_32F, 0, 1))
+    if gradient <= 1e-12:
+        return 0.0
+    return laplacian / gradient
+
+
+def _energy(plane: np.ndarray) -> float:
+    flat = plane.ravel()
+    return float(np.dot(flat, flat))
