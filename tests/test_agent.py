@@ -299,3 +299,40 @@ def test_a_stack_half_moved_when_a_move_fails_is_finished_later_not_quarantined(
     assert not subscriber.on("errors")
     assert not list(config.folder("quarantine").iterdir())
     assert len(calls) == 5  # one moved, one failed, then the three still in the folder
+
+
+def test_a_result_flagged_for_review_also_arrives_on_the_review_topic(
+    tmp_path, broker, subscriber, demo_bundle
+):
+    """With margins as wide as the score range every label is uncertain: the stack needs a person."""
+    import dataclasses
+
+    from agent.model.review import Trust
+    from tests.helpers import write_stack
+
+    wide = dataclasses.replace(demo_bundle, trust=Trust(margins=np.ones(len(demo_bundle.thresholds))))
+    config = config_for(tmp_path, broker.port)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    files = write_stack(staging, "unsure", size=(128, 128))
+    with running(config, wide):
+        drop(files, config.watch.folder, "unsure")
+        assert subscriber.wait_for(lambda: len(subscriber.on("review")) == 1)
+    (document,) = results(subscriber)
+    assert document["review"] is True
+    assert "near_threshold" in document["review_reasons"]
+    assert document["near_threshold"]
+    assert json.loads(subscriber.on("review")[0].payload) == document
+    validate(subscriber.on("review")[0].payload, "result")
+
+
+def test_an_unflagged_result_is_not_on_the_review_topic(tmp_path, broker, subscriber, demo_bundle, real_dir):
+    """The demo bundle carries no margins or novelty reference: a sound real stack with labels is fine."""
+    config = config_for(tmp_path, broker.port)
+    with running(config, demo_bundle):
+        drop(stack_files(real_dir), config.watch.folder, "sure")
+        assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
+        time.sleep(0.5)
+    (document,) = results(subscriber)
+    assert (document["review"], document["review_reasons"]) == (False, [])
+    assert not subscriber.on("review")

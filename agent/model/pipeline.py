@@ -1,7 +1,8 @@
 """One stack from its files to what the agent will say about it: a result or an error.
 
-decode (`agent.stacks.stack`) -> preprocess (`agent.stacks.preprocess`) -> embed and classify
-(the bundle's runtimes) -> thresholds (`Bundle.labels_for`) -> the document (`messages`).
+decode (`agent.stacks.stack`) and image-quality figures (`agent.stacks.quality`) -> preprocess
+(`agent.stacks.preprocess`) -> embed and classify (the bundle's runtimes) -> thresholds
+(`Bundle.labels_for`) -> the review flag (`review`) -> the document (`messages`).
 Nothing here writes to disk or the network, and nothing here decides where files go: it
 returns an `Analysis` that the service records and then acts on, so the same code serves the
 agent, `hpa-edge predict` and the benchmark. `prepare` (decode and preprocess: OpenCV and
@@ -22,6 +23,8 @@ import numpy as np
 
 from agent.model import messages
 from agent.model.bundle import Bundle
+from agent.model.review import review
+from agent.stacks import quality
 from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.image import Limits
@@ -56,6 +59,7 @@ class Prepared:
     started: float
     decoded: float
     prepared: float
+    quality: dict[str, float]  # image-quality figures of the decoded channels
 
 
 class Pipeline:
@@ -63,6 +67,7 @@ class Pipeline:
         self.bundle = bundle
         self.instrument = instrument
         self.limits = limits
+        self.camera_bits = bits or None  # the camera's bit depth for 16-bit files, when configured
         prep = bundle.preprocessing
         if bits and prep.bit_depth.mode == "bits":
             prep = dataclasses.replace(prep, bit_depth=dataclasses.replace(prep.bit_depth, bits=bits))
@@ -85,10 +90,11 @@ class Pipeline:
                     )
             stack = read_stack(stack_id, paths, self.limits)
             decoded = time.perf_counter()
+            figures = quality.measure(stack.channels, self.camera_bits)
             image = preprocess(stack.channels, self.preprocessing)
         except StackError as exc:
             return self.failure(stack_id, paths, exc, started=started)
-        return Prepared(stack, image, started, decoded, time.perf_counter())
+        return Prepared(stack, image, started, decoded, time.perf_counter(), figures)
 
     def infer(self, ready: Prepared) -> Analysis:
         """Embed, classify, apply the thresholds and write the result document."""
@@ -98,6 +104,15 @@ class Pipeline:
         embedded = time.perf_counter()
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]
+        trust = self.bundle.trust
+        verdict = review(
+            probabilities,
+            labels,
+            self.bundle.thresholds,
+            trust,
+            embedding[0],
+            quality.assess(ready.quality, trust.quality),
+        )
         done = time.perf_counter()
         fingerprint = stack_fingerprint(stack.sha256)
         document = messages.result_document(
@@ -114,6 +129,14 @@ class Pipeline:
                 "embed": (embedded - prepared) * 1e3,
                 "classify": (done - embedded) * 1e3,
                 "total": (done - started) * 1e3,
+            },
+            trust={
+                "review": verdict.flagged,
+                "review_reasons": verdict.reasons,
+                "near_threshold": verdict.near,
+                "novelty": None if verdict.novelty is None else round(verdict.novelty, 4),
+                "unavailable": trust.unavailable,
+                **{f"quality_{name}": round(float(value), 6) for name, value in ready.quality.items()},
             },
         )
         return Analysis(stack_id, "result", fingerprint, document, dict(stack.paths), started)
