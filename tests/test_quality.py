@@ -277,3 +277,8 @@ def test_16_bit_brightness_is_measured_against_the_cameras_bit_depth(field_16: C
     sixteen = quality.measure(field_16, bits=16)
     for name in CHANNELS:
         assert sixteen[f"brightness_{name}"] < auto[f"brightness_{name}"] / 8
+
+
+def test_a_camera_bit_depth_outside_8_to_16_is_refused(field_16: Channels) -> None:
+    with pytest.raises(ValueError, match=r"8\.\.16"):
+        quality.measure(field_16, bits=20)
