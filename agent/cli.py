@@ -44,6 +44,11 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(
         "agent.tools.predict", "classify stack files once and print JSON results (no broker)", "agent"
     ),
+    "agreement": Command(
+        "agent.tools.agreement",
+        "compare results with known labels: label counts, F1, the review flag",
+        "core",
+    ),
     "listen": Command(
         "agent.tools.listen", "print results arriving from devices over MQTT, as a table", "agent"
     ),
