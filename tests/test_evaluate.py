@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent.stacks.labels import N_LOCATIONS
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
@@ -66,3 +69,60 @@ def test_biologist_figures_are_the_reference_numbers_with_their_source() -> None
         with shared.open() as handle:
             rows = {int(r["location"]): r["biologist_f1"] for r in csv.DictReader(handle)}
         assert all(values[j] == float(v) for j, v in rows.items() if v)
+
+
+# What a user of the labels feels (issue 16) ----------------------------------------------------
+def test_label_set_figures_by_hand() -> None:
+    from export.training.evaluate import label_set_figures
+
+    y_true = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], bool)
+    y_pred = np.array([[1, 0, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0]], bool)
+    figures = label_set_figures(y_true, y_pred)
+    assert figures["labels_per_stack_true"] == 1.0
+    assert figures["labels_per_stack_predicted"] == 1.0
+    assert figures["exact_label_sets"] == 0.5  # stacks 2 and 4 (nothing true, nothing predicted)
+    # per stack F1: 2/3, 1, 0, 1 (both empty)
+    assert figures["samples_f1"] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4, abs=1e-4)
+    assert figures["no_label_stacks"] == 0.5
+    assert figures["prevalence"] == [0.5, 0.25, 0.25]
+    assert figures["predicted_rate"] == [0.5, 0.25, 0.25]
+
+
+def test_a_rare_location_predicted_on_most_stacks_is_named_as_over_predicted() -> None:
+    from export.training.evaluate import label_set_figures
+
+    y_true = np.zeros((100, N_LOCATIONS), bool)
+    y_true[:, 0] = True
+    y_true[:3, 24] = True  # Aggresome on 3% of stacks
+    y_pred = y_true.copy()
+    y_pred[:96, 24] = True  # predicted on 96%, as the demo bundle did before issue 16
+    y_pred[:30, 25] = True  # Cytosol on 30%: over, but not past 40%
+    figures = label_set_figures(y_true, y_pred)
+    assert figures["over_predicted"] == ["Aggresome"]
+    scored = score_methods(y_true, {"m": y_pred}, n_boot=50)["methods"]["m"]
+    assert scored["over_predicted"] == ["Aggresome"]
+    assert scored["per_location"][24]["predicted_rate"] == 0.96
+
+
+def test_results_are_scored_against_a_label_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.stacks.labels import LOCATIONS
+    from export.training.evaluate import main
+
+    (tmp_path / "train.csv").write_text("Id,Target\na,0\nb,0 25\nc,24\n")
+    results = [
+        {"kind": "result", "stack_id": "a", "labels": [LOCATIONS[0]]},
+        {"kind": "result", "stack_id": "b", "labels": [LOCATIONS[0], LOCATIONS[24]]},
+        {"kind": "error", "stack_id": "c", "code": "unreadable"},
+    ]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    assert main([str(tmp_path / "results.jsonl"), "--labels", str(tmp_path / "train.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "stacks scored: 2 (1 labelled stacks without a result)" in out
+    assert "labels per stack: 1.5 true, 1.5 predicted" in out
+    assert "exact label sets: 50.0%" in out
+    assert main([str(tmp_path / "results.jsonl"), "--labels", str(tmp_path / "train.csv"), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["exact_label_sets"] == 0.5
+    (tmp_path / "bad.jsonl").write_text('{"stack_id": "a", "labels": ["Nowhere"]}\n')
+    assert main([str(tmp_path / "bad.jsonl"), "--labels", str(tmp_path / "train.csv")]) == 2
+    assert "unknown location" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Macro F1 and its rule for absent locations; threshold tuning; stratified splits."""
+"""Macro F1 and its rule for absent locations; threshold rules and margins; stratified splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import pytest
 from agent.stacks.labels import KAGGLE_LOCATION_COUNTS
 from export.data.split import stratified_folds, train_test_split
 from export.data.synth import sample_label_sets
-from export.training.metrics import best_thresholds, chance_macro_f1, f1_per_location, macro_f1
+from export.training.metrics import (
+    GRID,
+    NOT_PREDICTED,
+    NOT_TRAINED,
+    TRAINED,
+    best_thresholds,
+    chance_macro_f1,
+    choose_thresholds,
+    coin_toss_margin,
+    f1_per_location,
+    macro_f1,
+)
 
 
 def test_f1_per_location_matches_hand_computation() -> None:
@@ -47,11 +58,134 @@ def test_chance_level_is_the_mean_prevalence() -> None:
 
 
 def test_best_threshold_separates_separable_scores() -> None:
-    y = np.array([[1], [1], [0], [0]])
-    scores = np.array([[0.9], [0.7], [0.4], [0.1]])
+    y = np.array([[1], [1], [0], [0]] * 5)
+    scores = np.array([[0.9], [0.7], [0.4], [0.1]] * 5)
     threshold = best_thresholds(y, scores)[0]
     assert 0.4 < threshold <= 0.7
     assert best_thresholds(np.zeros((3, 1)), np.ones((3, 1)))[0] == 1.0
+
+
+# Threshold rules (issue 16): no evidence, no label ------------------------------------------
+def _signal(
+    n: int = 600, prevalence: float = 0.1, strength: float = 2.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One location: labels at a prevalence and scores in 0..1 that rank positives higher by `strength`."""
+    rng = np.random.default_rng(seed)
+    y = rng.random((n, 1)) < prevalence
+    logits = rng.normal(size=(n, 1)) + strength * y - 2.0
+    return y, 1 / (1 + np.exp(-logits))
+
+
+def test_a_location_without_positives_is_not_trained_and_never_predicted() -> None:
+    choice = choose_thresholds(np.zeros((50, 1)), np.random.default_rng(0).random((50, 1)))
+    assert choice.status == [NOT_TRAINED]
+    assert choice.thresholds[0] == 1.0
+    assert choice.margins[0] == 0.0
+    assert "0 training positives" in choice.reasons[0]
+
+
+def test_fewer_positives_than_the_minimum_are_not_trained_even_when_separable() -> None:
+    y = np.zeros((200, 1), bool)
+    y[:9] = True
+    scores = y * 0.9 + 0.05  # perfectly separable
+    few = choose_thresholds(y, scores, min_positives=10)
+    assert few.status == [NOT_TRAINED]
+    assert few.thresholds[0] == 1.0
+    assert "9 training positives, fewer than the 10 needed" in few.reasons[0]
+    y[9] = True
+    enough = choose_thresholds(y, y * 0.9 + 0.05, min_positives=10)
+    assert enough.status == [TRAINED]
+    assert 0.05 < enough.thresholds[0] <= 0.95
+
+
+def test_flat_f1_is_not_predicted_instead_of_falling_to_the_lowest_threshold() -> None:
+    """Scores without signal: the F1 curve is flat (no threshold beats labelling every stack)."""
+    rng = np.random.default_rng(4)
+    y = rng.random((800, 3)) < np.array([0.02, 0.1, 0.3])
+    scores = rng.random((800, 3)) * 0.3
+    for rule in ("near-best-rate", "f1", "ratio", "precision-floor"):
+        choice = choose_thresholds(y, scores, rule)
+        assert choice.status == [NOT_PREDICTED] * 3, rule
+        assert (choice.thresholds == 1.0).all()
+        assert all("no better than labelling every stack" in r for r in choice.reasons)
+
+
+def test_zero_f1_at_every_threshold_is_not_predicted() -> None:
+    y = np.zeros((100, 1), bool)
+    y[:20] = True
+    scores = np.where(y, 0.0, 0.5)  # every positive scores below the lowest threshold
+    choice = choose_thresholds(y, scores)
+    assert choice.status == [NOT_PREDICTED]
+    assert choice.thresholds[0] == 1.0
+    assert "zero at every threshold" in choice.reasons[0]
+
+
+def test_a_location_with_evidence_is_trained_with_its_out_of_fold_figures() -> None:
+    y, scores = _signal(strength=4.0)
+    choice = choose_thresholds(y, scores)
+    assert choice.status == [TRAINED]
+    assert choice.reasons == [""]
+    assert choice.best_f1[0] - choice.every_stack_f1[0] > choice.noise[0] > 0
+    assert choice.thresholds[0] in GRID
+    row = choice.to_rows(["a"])[0]
+    assert set(row) >= {"name", "status", "positives", "threshold", "margin"}
+    assert "reason" not in row
+
+
+def test_among_near_best_thresholds_the_one_predicting_closest_to_the_prevalence_wins() -> None:
+    """F1 peaks at a low threshold that labels many stacks; within the noise, a higher one labels
+    about as many stacks as carry the location."""
+    y, scores = _signal(n=1500, prevalence=0.1, strength=2.0, seed=5)
+    f1_rule = choose_thresholds(y, scores, "f1")
+    near = choose_thresholds(y, scores, "near-best-rate")
+    prevalence = y.mean()
+    assert f1_rule.predicted_rate[0] > 1.4 * prevalence  # the F1 peak labels too many stacks
+    assert near.thresholds[0] > f1_rule.thresholds[0]
+    assert abs(near.predicted_rate[0] - prevalence) < abs(f1_rule.predicted_rate[0] - prevalence)
+    assert near.best_f1[0] - near.noise[0] <= near.chosen_f1[0] < near.best_f1[0]
+
+
+def test_the_ratio_rule_predicts_at_the_prevalence_and_the_precision_floor_holds_its_floor() -> None:
+    y, scores = _signal(n=1500, prevalence=0.08, strength=3.0, seed=3)
+    ratio = choose_thresholds(y, scores, "ratio")
+    assert ratio.predicted_rate[0] == pytest.approx(y.mean(), rel=0.15)
+    floor = choose_thresholds(y, scores, "precision-floor", precision_floor=0.6)
+    predicted = scores[:, 0] >= floor.thresholds[0]
+    assert (predicted & y[:, 0]).sum() / predicted.sum() >= 0.6
+    none_reach = choose_thresholds(y, scores, "precision-floor", precision_floor=1.01)
+    assert none_reach.status == [NOT_PREDICTED]
+    assert "precision" in none_reach.reasons[0]
+
+
+def test_an_unknown_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="not one of near-best-rate"):
+        choose_thresholds(np.ones((3, 1)), np.ones((3, 1)), "best-guess")
+
+
+# Margins --------------------------------------------------------------------------------------
+def test_the_margin_is_the_band_where_labels_are_a_coin_toss() -> None:
+    """Around 0.5, scores within 0.1 are wrong half the time; beyond, always right."""
+    rng = np.random.default_rng(0)
+    near_scores = rng.uniform(0.4, 0.6, 400)
+    far_scores = np.concatenate([rng.uniform(0.0, 0.35, 400), rng.uniform(0.65, 1.0, 400)])
+    scores = np.concatenate([near_scores, far_scores])
+    truth = np.concatenate([rng.random(400) < 0.5, far_scores >= 0.5])
+    margin = coin_toss_margin(scores, truth, 0.5, 0.005)
+    assert 0.09 <= margin < 0.2
+    assert coin_toss_margin(far_scores, far_scores >= 0.5, 0.5, 0.005) == 0.0  # never wrong: no band
+
+
+def test_margins_are_zero_where_nothing_is_predicted_and_calibrated_where_it_is() -> None:
+    y, scores = _signal(n=1500, prevalence=0.05, strength=2.5, seed=2)
+    y = np.hstack([y, np.zeros_like(y)])
+    scores = np.hstack([scores, scores])
+    choice = choose_thresholds(y, scores)
+    assert choice.status == [TRAINED, NOT_TRAINED]
+    assert choice.margins[1] == 0.0
+    band = np.abs(scores[:, 0] - choice.thresholds[0]) < choice.margins[0]
+    assert band.any()
+    wrong = (scores[:, 0] >= choice.thresholds[0]) != y[:, 0]
+    assert wrong[band].mean() >= 0.5
 
 
 def test_stratified_folds_spread_every_location_evenly() -> None:

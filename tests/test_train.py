@@ -1,4 +1,5 @@
-"""Training: 28 capped, class-weighted forests, thresholds out-of-fold, an honest comparison.
+"""Training: 28 capped, class-weighted, cross-fitted forests, thresholds out-of-fold only where
+there is evidence, an honest comparison.
 
 Embeddings here are small synthetic vectors (64-d, label directions plus noise), so forests
 fit in a second; the command tests write a real cache and read it back. The estimator
@@ -27,8 +28,14 @@ from export.features.backbones import BackboneSpec
 from export.features.embed import EmbeddingCache, cache_key
 from export.training.auc import roc_auc
 from export.training.folds import out_of_fold
-from export.training.forests import ForestSettings, LocationForests, fit_forests, predict_scores
-from export.training.metrics import best_thresholds
+from export.training.forests import (
+    ForestSettings,
+    LocationForests,
+    fit_forests,
+    merge_forests,
+    predict_scores,
+)
+from export.training.metrics import NOT_PREDICTED, NOT_TRAINED, TRAINED, choose_thresholds
 from export.training.train import TrainSettings, train
 
 SMALL = ForestSettings(trees=20, max_leaf_nodes=16, jobs=1)
@@ -89,9 +96,43 @@ def fitted() -> Fitted:
 def test_fit_chooses_the_thresholds_on_out_of_fold_scores(fitted: Fitted) -> None:
     model, x, y = fitted
     assert model.oof_scores_.shape == (200, N_LOCATIONS)
-    np.testing.assert_array_equal(model.thresholds_, best_thresholds(y[:200], model.oof_scores_))
-    in_sample = best_thresholds(y[:200], model.predict_proba(x[:200]))
-    assert not np.array_equal(model.thresholds_, in_sample)  # not chosen on remembered answers
+    choice = choose_thresholds(y[:200], model.oof_scores_, min_positives=model.min_positives)
+    np.testing.assert_array_equal(model.thresholds_, choice.thresholds)
+    assert model.status_ == choice.status
+    np.testing.assert_array_equal(model.margins_, choice.margins)
+    in_sample = choose_thresholds(y[:200], model.predict_proba(x[:200]), min_positives=model.min_positives)
+    assert not np.array_equal(model.thresholds_, in_sample.thresholds)  # not chosen on remembered answers
+
+
+def test_the_forest_that_predicts_is_the_fold_forests_that_chose_the_threshold() -> None:
+    """Cross-fitting: each fold's forest scored the rows it did not see; merged, they score new stacks."""
+    x, y = _data(240)
+    model = LocationForests(trees=21, max_leaf_nodes=16, jobs=1, folds=3, min_positives=3).fit(
+        x[:180], y[:180]
+    )
+    trained = model.trained_locations
+    assert trained
+    for j in trained:
+        forest = model.forests_[j]
+        assert forest is not None
+        assert len(forest.estimators_) == 21  # 3 folds x ceil(21 / 3) trees
+    # Refit one fold forest the way fit did and check its rows' out-of-fold scores came from it.
+    folds, j = model.oof_folds_, trained[0]
+    settings = ForestSettings(trees=7, max_leaf_nodes=16, jobs=1, seed=1000)  # fold 1: seed + 1000
+    held = folds == 1
+    fold_forest = fit_forests(x[:180][~held], y[:180][~held], settings)[j]
+    np.testing.assert_allclose(
+        model.oof_scores_[held, j], fold_forest.predict_proba(x[:180][held])[:, 1], atol=1e-12
+    )
+
+
+def test_merged_forests_average_their_parts() -> None:
+    x, y = _data(120)
+    parts = [fit_forests(x, y, ForestSettings(trees=4, max_leaf_nodes=8, jobs=1, seed=s))[0] for s in (0, 9)]
+    merged = merge_forests(parts)
+    expected = np.mean([part.predict_proba(x[:10]) for part in parts], axis=0)
+    np.testing.assert_allclose(merged.predict_proba(x[:10]), expected)
+    assert len(parts[0].estimators_) == 4  # the parts are left as they were
 
 
 def test_predict_is_predict_proba_against_the_thresholds_by_the_device_rule(fitted: Fitted) -> None:
@@ -104,11 +145,77 @@ def test_predict_is_predict_proba_against_the_thresholds_by_the_device_rule(fitt
 def test_a_location_without_positives_gets_no_forest_and_is_never_predicted(fitted: Fitted) -> None:
     model, x, _ = fitted
     assert model.forests_[27] is None
-    assert all(f is not None for f in model.forests_[:27])
-    assert model.trained_locations == list(range(27))
+    assert model.status_[27] == NOT_TRAINED
+    assert model.positives_[27] == 0
     assert (model.predict_proba(x)[:, 27] == 0).all()
     assert model.thresholds_[27] == 1.0
     assert not model.predict(x)[:, 27].any()
+
+
+def test_only_locations_with_evidence_get_a_forest(fitted: Fitted) -> None:
+    model, x, y = fitted
+    assert set(model.status_) <= {TRAINED, NOT_TRAINED, NOT_PREDICTED}
+    for j, status in enumerate(model.status_):
+        assert (model.forests_[j] is not None) == (status == TRAINED), j
+        if status != TRAINED:
+            assert model.thresholds_[j] == 1.0
+            assert model.margins_[j] == 0.0
+            assert model.reasons_[j]
+            assert not model.predict(x)[:, j].any()
+    assert model.trained_locations == [j for j, s in enumerate(model.status_) if s == TRAINED]
+    assert len(model.trained_locations) >= 20  # the vectors carry most locations
+    np.testing.assert_array_equal(model.positives_, y[:200].sum(axis=0))
+
+
+def test_fewer_positives_than_the_minimum_give_no_forest() -> None:
+    x, y = _data(300)
+    y[:, 5] = 0
+    y[:6, 5] = 1  # six positives, well separated
+    x[:6] += 5.0
+    few = LocationForests(**PARAMS, min_positives=10).fit(x, y)
+    assert few.status_[5] == NOT_TRAINED
+    assert few.forests_[5] is None
+    assert "6 training positives, fewer than the 10 needed" in few.reasons_[5]
+    assert LocationForests(**PARAMS, min_positives=3).fit(x, y).status_[5] != NOT_TRAINED
+
+
+def test_labels_without_signal_are_not_predicted_rather_than_predicted_everywhere() -> None:
+    """Before issue 16 a flat out-of-fold F1 put the threshold at the grid floor: every stack labelled."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    y = (rng.random((300, 2)) < [0.05, 0.3]).astype(np.uint8)  # noise labels
+    model = LocationForests(trees=30, max_leaf_nodes=16, jobs=1).fit(x, y)
+    assert model.status_ == [NOT_PREDICTED, NOT_PREDICTED]
+    assert "no better than labelling every stack" in model.reasons_[0]
+    assert not model.predict(rng.normal(size=(50, 16))).any()
+
+
+def test_the_novelty_reference_is_fitted_on_the_training_features_with_an_out_of_fold_threshold(
+    fitted: Fitted,
+) -> None:
+    model, x, _ = fitted
+    novelty = model.novelty_
+    assert novelty.mean.shape == (64,)
+    assert len(novelty.scales) == model.novelty_components == 16
+    in_sample = novelty.distance(x[:200])
+    assert model.novelty_threshold_ > np.percentile(in_sample, 99.5) * 0.9  # out-of-fold: not smaller
+    assert (novelty.distance(x[200:]) > model.novelty_threshold_).mean() < 0.1  # typical new stacks pass
+    far = x[200:] + 10 * novelty.scales[0] * novelty.components[0]
+    assert (novelty.distance(far) > model.novelty_threshold_).all()  # unlike anything seen
+
+
+def test_location_rows_follow_the_bundle_contract(fitted: Fitted) -> None:
+    from agent.stacks.labels import LOCATIONS
+
+    model = fitted[0]
+    rows = model.location_rows(LOCATIONS)
+    assert [r["name"] for r in rows] == list(LOCATIONS)
+    for row, threshold in zip(rows, model.thresholds_, strict=True):
+        assert row["threshold"] == threshold
+        assert row["margin"] >= 0
+        assert isinstance(row["positives"], int)
+        assert ("reason" in row) == (row["status"] != TRAINED)
+    json.dumps(rows)  # plain JSON
 
 
 def test_out_of_fold_scores_never_come_from_a_forest_that_saw_the_stack() -> None:
@@ -117,8 +224,10 @@ def test_out_of_fold_scores_never_come_from_a_forest_that_saw_the_stack() -> Non
     x = rng.normal(size=(200, 16)).astype(np.float32)
     y = (rng.random((200, 1)) < 0.5).astype(np.uint8)
     model = LocationForests(trees=30, max_leaf_nodes=None, jobs=1, folds=4).fit(x, y)
-    assert roc_auc(y[:, 0], model.predict_proba(x)[:, 0]) > 0.95
+    in_sample = predict_scores(fit_forests(x, y, ForestSettings(trees=30, max_leaf_nodes=None, jobs=1)), x)
+    assert roc_auc(y[:, 0], in_sample[:, 0]) > 0.95
     assert 0.35 < roc_auc(y[:, 0], model.oof_scores_[:, 0]) < 0.65
+    assert model.status_ == [NOT_PREDICTED]  # and chance is not published
     assert sorted(np.unique(model.oof_folds_).tolist()) == [0, 1, 2, 3]
 
 
@@ -127,7 +236,8 @@ def test_parameters_are_kept_as_given_and_a_clone_is_unfitted_with_the_same_ones
     model = LocationForests(trees=7, max_leaf_nodes=None, class_weight=None, folds=4)
     assert model.get_params() == {
         "trees": 7, "max_leaf_nodes": None, "min_samples_leaf": 1, "max_features": "sqrt",
-        "class_weight": None, "seed": 0, "jobs": -1, "folds": 4,
+        "class_weight": None, "seed": 0, "jobs": -1, "folds": 4, "min_positives": 10,
+        "threshold_rule": "near-best-rate", "novelty_components": 16, "novelty_percentile": 99.5,
     }  # fmt: skip
     model.set_params(jobs=1).fit(x, y)
     copy = clone(model)
@@ -140,6 +250,10 @@ def test_bad_parameters_are_refused_when_fitting_not_when_constructing() -> None
     model = LocationForests(trees=0)  # scikit-learn's rule: no checks in __init__
     with pytest.raises(ValueError, match="trees must be at least 1"):
         model.fit(x, y)
+    with pytest.raises(ValueError, match="threshold_rule must be one of"):
+        LocationForests(threshold_rule="argmax").fit(x, y)
+    with pytest.raises(ValueError, match="min_positives must be at least 1"):
+        LocationForests(min_positives=0).fit(x, y)
 
 
 def test_an_unfitted_estimator_refuses_to_predict() -> None:
@@ -216,6 +330,38 @@ def test_the_evaluation_reports_every_location_with_an_interval_and_support() ->
     assert model.classifier.thresholds_[27] == 1.0
 
 
+def test_the_evaluation_shows_what_a_user_of_the_labels_feels() -> None:
+    x, y = _data()
+    model = train(x, y, [f"s{i}" for i in range(len(y))], FAST, "vectors")
+    evaluation = model.evaluation
+    ours = evaluation["split"]["methods"]["ours"]
+    test = y[[int(s[1:]) for s in model.test_ids]].astype(bool)
+    predicted = model.classifier.predict(x[[int(s[1:]) for s in model.test_ids]])
+    assert ours["labels_per_stack_true"] == pytest.approx(test.sum(axis=1).mean(), abs=1e-4)
+    assert ours["labels_per_stack_predicted"] == pytest.approx(predicted.sum(axis=1).mean(), abs=1e-4)
+    assert ours["exact_label_sets"] == pytest.approx((test == predicted).all(axis=1).mean(), abs=1e-4)
+    assert 0 <= ours["samples_f1"] <= 1
+    rows = ours["per_location"]
+    assert [r["prevalence"] for r in rows] == pytest.approx(test.mean(axis=0), abs=1e-4)
+    assert [r["predicted_rate"] for r in rows] == pytest.approx(predicted.mean(axis=0), abs=1e-4)
+    locations = evaluation["locations"]
+    assert [r["status"] for r in locations] == model.classifier.status_
+    assert locations[27]["status"] == NOT_TRAINED
+    assert evaluation["threshold_rule"] == "near-best-rate"
+    assert evaluation["novelty"]["method"] == "pca-whitened-rms"
+
+
+def test_a_location_never_predicted_counts_zero_in_macro_f1_when_the_split_has_positives() -> None:
+    x, y = _data()
+    settings = TrainSettings(forest=SMALL, bootstrap=100, original_trees=20, min_positives=200)
+    model = train(x, y, [f"s{i}" for i in range(len(y))], settings, "vectors")
+    rows = model.evaluation["split"]["methods"]["ours"]["per_location"]
+    for row, status in zip(rows, model.classifier.status_, strict=True):
+        if status != TRAINED and row["support"] > 0:
+            assert row["f1"] == 0.0
+    assert model.classifier.status_.count(NOT_TRAINED) >= 26
+
+
 def test_the_joint_model_experiment_reports_both_and_a_decision() -> None:
     x, y = _data()
     settings = TrainSettings(forest=SMALL, bootstrap=100, original_trees=20, try_joint=True)
@@ -266,7 +412,14 @@ def test_train_command_writes_the_model_and_its_report(model_folder: Path) -> No
     assert classifier.thresholds_.tolist() == meta["thresholds"]
     assert meta["trained_locations"] == classifier.trained_locations
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Paired difference ours - original" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "Paired difference ours - original" in summary
+    assert "labels per stack (true / predicted)" in summary
+    assert "| Rods & rings | not trained | 0 |" in summary
+    assert [r["status"] for r in meta["locations"]] == classifier.status_
+    assert meta["novelty"]["threshold"] == classifier.novelty_threshold_
+    assert meta["settings"]["min_positives"] == 10
+    assert meta["figures"]["labels_per_stack_predicted"] >= 0
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["data"]["n_stacks"] == sum(1 for r in y if r.any())
 

@@ -2,15 +2,26 @@
 
 One binary forest per location, trained on every training stack at natural frequencies with
 class weighting (not on balanced subsamples), with a cap on leaves per tree so that all 28
-stay small as ONNX on the device. A location with no positives in the training data gets no
-forest (`None`) and a score of 0: there is nothing to learn and nothing to threshold.
+stay small as ONNX on the device. A location is published only with evidence: with fewer
+than `min_positives` training positives it is "not trained", and when its out-of-fold scores
+show no evidence (F1 zero, or flat: no better than labelling every stack) it is "not
+predicted". Either way it gets no forest (`None`), a score of 0 and threshold 1.0, so no
+device, old or new, ever labels it (`export.training.metrics.choose_thresholds` has the rules).
 
-`LocationForests` is what train, evaluate, export and the float reference share: `fit`
-chooses each location's threshold on out-of-fold scores (so a threshold is never tuned on
-answers the forests remember) and then fits the final forests on all the data; `predict_proba`
-gives the 28 probabilities and `predict` the labels, through `agent.model.thresholds.apply`,
-the rule the device uses. It follows scikit-learn's conventions (parameters stored as given,
-learned attributes ending in `_`), so `get_params`, `clone` and pickling work as usual.
+`LocationForests` is what train, evaluate, export and the float reference share. `fit` is
+cross-fitted: a multilabel-stratified k-fold split; per fold, forests of trees/k trees fitted
+on the other folds score the held fold; those out-of-fold scores choose each location's
+threshold (so a threshold is never tuned on answers the forests remember); and the k fold
+forests of a location, merged into one forest of about `trees` trees, are the forest that
+predicts. A new stack's score is the mean of the k fold forests' scores, the models whose
+scores the threshold was chosen on. (A final refit on all the data, as before issue 16,
+shifts the scores: with class weighting and a leaf cap, a rare location's scores on new
+stacks rise with the number of training stacks, so thresholds tuned on fold models trained
+on 2/3 of the data let it be predicted several times too often; docs/training.md has the
+measurement.) `predict_proba` gives the 28 probabilities and `predict` the labels, through
+`agent.model.thresholds.apply`, the rule the device uses. It follows scikit-learn's
+conventions (parameters stored as given, learned attributes ending in `_`), so `get_params`,
+`clone` and pickling work as usual.
 
 `fit_original` reproduces the original study's recipe for comparison: per location a 50/50
 balanced subsample of the training stacks, default forests, threshold 0.5. (The study also
@@ -21,16 +32,25 @@ per-feature maps, so they are left out.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Self
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from agent.model.novelty import NoveltyReference
 from agent.model.thresholds import apply
 from export.data.split import stratified_folds
 from export.training.folds import out_of_fold
-from export.training.metrics import best_thresholds
+from export.training.metrics import (
+    DEFAULT_RULE,
+    NOT_PREDICTED,
+    NOT_TRAINED,
+    THRESHOLD_RULES,
+    TRAINED,
+    ThresholdChoice,
+    choose_thresholds,
+)
 
 
 @dataclass(frozen=True)
@@ -61,18 +81,40 @@ class ForestSettings:
 
 Forests = list[Any]  # one fitted ExtraTreesClassifier per location, or None
 DEFAULT_FOLDS = 3  # cross-validation folds for choosing thresholds
+# Fewer training positives than this: no forest (docs/training.md, "Thresholds and rare
+# locations": below 10 the held-out F1 of a forest rarely beat labelling every stack).
+DEFAULT_MIN_POSITIVES = 10
+FOLD_SEED_STEP = 1000  # fold k's forest of location j gets seed + 1000 k + j
+NOVELTY_COMPONENTS = 16  # principal components of the novelty reference
+NOVELTY_PERCENTILE = 99.5  # of the out-of-fold novelty of the training stacks: the threshold
 
 
-def fit_forests(x: np.ndarray, y: np.ndarray, settings: ForestSettings) -> Forests:
-    """One binary forest per column of y; seeds differ per location but are fixed."""
+def fit_forests(
+    x: np.ndarray, y: np.ndarray, settings: ForestSettings, columns: np.ndarray | None = None
+) -> Forests:
+    """One binary forest per column of y (where `columns` is True, if given); fixed seed per location."""
     forests: Forests = []
     for j in range(y.shape[1]):
         column = y[:, j].astype(np.int64)
-        if column.min() == column.max():
+        if column.min() == column.max() or (columns is not None and not columns[j]):
             forests.append(None)
             continue
         forests.append(_forest(settings, settings.seed + j).fit(x, column))
     return forests
+
+
+def merge_forests(parts: Sequence[Any]) -> Any:
+    """One forest holding the trees of all `parts` (fitted forests of one kind, classes [0, 1]).
+
+    Its probability is the mean over all trees, so for parts of equal size it is the mean of
+    the parts' probabilities: the cross-fitted forest of a location.
+    """
+    import copy
+
+    merged = copy.copy(parts[0])
+    merged.estimators_ = [tree for part in parts for tree in part.estimators_]
+    merged.n_estimators = len(merged.estimators_)
+    return merged
 
 
 def _forest(settings: ForestSettings, seed: int) -> Any:
@@ -102,14 +144,35 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
     """The 28 location forests and their thresholds, fitted and applied as one estimator.
 
     Parameters are those of `ForestSettings`, plus `folds`: how many multilabel-stratified
-    folds score the training stacks out-of-fold for choosing thresholds. `seed` seeds both
-    the folds and the forests (location j's forest gets seed + j).
+    folds score the training stacks out-of-fold for choosing thresholds; `min_positives`:
+    fewer training positives than this and a location gets no forest ("not trained");
+    `threshold_rule`: how a threshold is chosen among the out-of-fold F1 curve's points
+    (`export.training.metrics.THRESHOLD_RULES`; default "near-best-rate"); `novelty_components`
+    and `novelty_percentile`: the novelty reference's principal components and the percentile
+    of out-of-fold training novelty that becomes its threshold. `seed` seeds the folds, the
+    forests (fold k's forest of location j gets seed + 1000 k + j) and the bootstrap of the
+    threshold rules. Each fold forest has ceil(trees / folds) trees.
 
-    Learned by `fit`: `forests_` (one fitted forest per location, None for a location without
-    positives), `thresholds_` (per location, F1-maximising on the out-of-fold scores; 1.0,
-    never reached, where there were no positives), `oof_scores_` (N x 28, each training row
-    scored by forests fitted without its fold), `oof_folds_` (the fold of each training row,
-    for experiments that must use the same folds) and `n_features_in_`.
+    Learned by `fit`:
+    - `forests_`: per location the k fold forests merged into one (`merge_forests`), None
+      where nothing is predicted;
+    - `thresholds_`: per location, chosen on the out-of-fold scores by `threshold_rule`; 1.0,
+      never reached, where nothing is predicted;
+    - `status_`: per location "trained", "not trained" (fewer than `min_positives`) or "not
+      predicted" (out-of-fold F1 zero or flat); `reasons_`: a sentence for the latter two;
+    - `positives_`: training positives per location;
+    - `margins_`: per location, the half-width of the widest score band around the threshold
+      in which out-of-fold labels were wrong at least half the time (0 where nothing is
+      predicted or no band is): a label scored that close to its threshold is a coin toss,
+      and the device reports it as near its threshold;
+    - `threshold_choice_`: the `ThresholdChoice` with the out-of-fold figures behind all this;
+    - `novelty_` (a `NoveltyReference` fitted on all training features) and
+      `novelty_threshold_`: the `novelty_percentile` of the training stacks' novelty, each
+      measured against a reference fitted without its fold (in-sample novelty is smaller
+      than a new stack's);
+    - `oof_scores_` (N x L, each training row scored by forests fitted without its fold),
+      `oof_folds_` (the fold of each training row, for experiments that must use the same
+      folds) and `n_features_in_`.
     """
 
     def __init__(
@@ -122,6 +185,10 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         seed: int = ForestSettings.seed,
         jobs: int = ForestSettings.jobs,
         folds: int = DEFAULT_FOLDS,
+        min_positives: int = DEFAULT_MIN_POSITIVES,
+        threshold_rule: str = DEFAULT_RULE,
+        novelty_components: int = NOVELTY_COMPONENTS,
+        novelty_percentile: float = NOVELTY_PERCENTILE,
     ) -> None:
         self.trees = trees
         self.max_leaf_nodes = max_leaf_nodes
@@ -131,10 +198,17 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         self.seed = seed
         self.jobs = jobs
         self.folds = folds
+        self.min_positives = min_positives
+        self.threshold_rule = threshold_rule
+        self.novelty_components = novelty_components
+        self.novelty_percentile = novelty_percentile
 
     @classmethod
-    def from_settings(cls, settings: ForestSettings, folds: int = DEFAULT_FOLDS) -> LocationForests:
-        return cls(**settings.to_dict(), folds=folds)
+    def from_settings(
+        cls, settings: ForestSettings, folds: int = DEFAULT_FOLDS, **rules: Any
+    ) -> LocationForests:
+        """From forest settings; `rules` are the other parameters (min_positives, threshold_rule...)."""
+        return cls(**settings.to_dict(), folds=folds, **rules)
 
     @classmethod
     def from_forests(
@@ -157,6 +231,32 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         model.n_features_in_ = int(fitted[0].n_features_in_)
         return model
 
+    def location_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """Per location: name, status, training positives, threshold, margin (and a reason
+        where nothing is predicted), as the bundle's manifest lists them.
+
+        An estimator fitted before the rules of issue 16 (or wrapped by `from_forests`) knows
+        only which locations have a forest: positives -1 (unknown), margin 0.
+        """
+        self._check_fitted()
+        status = getattr(self, "status_", None)
+        rows = []
+        for j, name in enumerate(names):
+            row: dict[str, Any] = {
+                "name": name,
+                "status": status[j]
+                if status is not None
+                else (TRAINED if self.forests_[j] is not None else NOT_TRAINED),
+                "positives": int(self.positives_[j]) if hasattr(self, "positives_") else -1,
+                "threshold": float(self.thresholds_[j]),
+                "margin": round(float(self.margins_[j]), 4) if hasattr(self, "margins_") else 0.0,
+            }
+            if row["status"] != TRAINED:
+                reasons = getattr(self, "reasons_", None)
+                row["reason"] = reasons[j] if reasons is not None else "no classifier for this location"
+            rows.append(row)
+        return rows
+
     def settings(self) -> ForestSettings:
         """The forest parameters, checked (a bad value raises ValueError naming it)."""
         return ForestSettings(
@@ -170,7 +270,8 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         )
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> Self:
-        """Thresholds from out-of-fold scores, then the final forests on all of x.
+        """Cross-fitted forests: out-of-fold scores choose the thresholds, and the fold forests
+        that gave those scores, merged, are the forests that predict.
 
         x: N x D features; y: N x L 0/1 labels (L is 28 for HPA; any L works).
         """
@@ -178,16 +279,56 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
             raise ValueError(f"expected N x D features and N x L labels, got {x.shape} and {y.shape}")
         settings = self.settings()
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(
+                f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {self.threshold_rule!r}"
+            )
+        if self.min_positives < 1:
+            raise ValueError(f"min_positives must be at least 1, not {self.min_positives}")
+        if not 50 <= self.novelty_percentile <= 100:
+            raise ValueError(f"novelty_percentile must be 50..100, not {self.novelty_percentile}")
+        candidates = (y != 0).sum(axis=0) >= self.min_positives
+        per_fold = replace(settings, trees=-(-settings.trees // self.folds))  # ceil: at least `trees` in all
+        fold_forests: list[Forests] = []
 
         def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
-            return predict_scores(fit_forests(x_fit, y_fit, settings), x_held)
+            fold = replace(per_fold, seed=settings.seed + FOLD_SEED_STEP * len(fold_forests))
+            fold_forests.append(fit_forests(x_fit, y_fit, fold, candidates))
+            return predict_scores(fold_forests[-1], x_held)
 
         self.oof_folds_ = stratified_folds(y, self.folds, self.seed)
         self.oof_scores_ = out_of_fold(fit_predict, x, y, self.oof_folds_)
-        self.thresholds_ = best_thresholds(y, self.oof_scores_)
-        self.forests_ = fit_forests(x, y, settings)
+        choice = choose_thresholds(
+            y, self.oof_scores_, self.threshold_rule, min_positives=self.min_positives, seed=self.seed
+        )
+        self.forests_ = []
+        for j, status in enumerate(choice.status):
+            parts = [forests[j] for forests in fold_forests]
+            if status == TRAINED and any(part is None for part in parts):  # a fold without positives
+                choice.status[j], choice.thresholds[j], choice.margins[j] = NOT_PREDICTED, 1.0, 0.0
+                choice.reasons[j] = "a cross-validation fold had no positives to train on: not predicted"
+            self.forests_.append(merge_forests(parts) if choice.status[j] == TRAINED else None)
+        self._learn_choice(choice)
+        self.novelty_, self.novelty_threshold_ = self._fit_novelty(x)
         self.n_features_in_ = x.shape[1]
         return self
+
+    def _learn_choice(self, choice: ThresholdChoice) -> None:
+        self.threshold_choice_ = choice
+        self.thresholds_ = choice.thresholds
+        self.status_ = list(choice.status)
+        self.reasons_ = list(choice.reasons)
+        self.positives_ = choice.positives.astype(np.int64)
+        self.margins_ = choice.margins
+
+    def _fit_novelty(self, x: np.ndarray) -> tuple[NoveltyReference, float]:
+        held = np.zeros(len(x))
+        for k in np.unique(self.oof_folds_):
+            inside = self.oof_folds_ == k
+            held[inside] = NoveltyReference.fit(x[~inside], self.novelty_components).distance(x[inside])
+        return NoveltyReference.fit(x, self.novelty_components), float(
+            np.percentile(held, self.novelty_percentile)
+        )
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """N x L probabilities of presence; 0 for locations without a forest."""
@@ -200,7 +341,7 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
 
     @property
     def trained_locations(self) -> list[int]:
-        """The locations that have a forest (the others never get a label)."""
+        """The locations that have a forest (the others, not trained or not predicted, get no label)."""
         self._check_fitted()
         return [j for j, forest in enumerate(self.forests_) if forest is not None]
 

@@ -8,6 +8,10 @@ with no true positives but predicted positives scores 0, so false alarms are nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 
@@ -40,22 +44,248 @@ def chance_macro_f1(y_true: np.ndarray) -> float:
     return float(prevalence[present].mean()) if present.any() else float("nan")
 
 
-def best_thresholds(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
-    """Per location, the score threshold that maximises F1 on (out-of-fold) scores.
+# Threshold rules ---------------------------------------------------------------------------
+TRAINED, NOT_TRAINED, NOT_PREDICTED = "trained", "not trained", "not predicted"
+THRESHOLD_RULES = ("near-best-rate", "f1", "ratio", "precision-floor")
+DEFAULT_RULE = "near-best-rate"
+GRID = np.round(np.arange(1, 200) / 200, 3)  # candidate thresholds, 0.005 to 0.995 in steps of 0.005
+DEFAULT_BOOTSTRAP = 200  # resamples of the out-of-fold rows: the noise of F1
+# A label is near its threshold inside the score band where out-of-fold labels were wrong at
+# least this often (a coin toss); the band must hold at least MARGIN_MIN_STACKS rows.
+MARGIN_ERROR_RATE = 0.5
+MARGIN_MIN_STACKS = 5
+DEFAULT_PRECISION_FLOOR = 0.5  # the precision-floor rule's floor
 
-    Locations with no positives get 1.0 (never predicted): there is nothing to tune on.
+
+@dataclass
+class ThresholdChoice:
+    """What the threshold rules decided per location, and the out-of-fold figures behind it.
+
+    `status` is "trained" (a threshold was chosen), "not trained" (fewer positives than the
+    minimum: nothing to tune on) or "not predicted" (positives, but the out-of-fold scores show
+    no evidence: F1 zero, or no better than labelling every stack, within its noise); the
+    latter two get threshold 1.0, margin 0 and a `reason` sentence.
     """
+
+    thresholds: np.ndarray  # L; 1.0 where nothing is predicted
+    status: list[str]
+    reasons: list[str]  # "" for trained locations
+    margins: np.ndarray  # L, >= 0; 0 where nothing is predicted
+    positives: np.ndarray  # L, positives among the rows
+    prevalence: np.ndarray  # L
+    best_f1: np.ndarray  # L, out-of-fold F1 at the F1-maximising threshold (NaN: no positives)
+    noise: np.ndarray  # L, bootstrap standard deviation of that F1
+    every_stack_f1: np.ndarray  # L, the F1 of labelling every stack: what no evidence reaches
+    chosen_f1: np.ndarray  # L, out-of-fold F1 at the chosen threshold (NaN: not predicted)
+    predicted_rate: np.ndarray  # L, out-of-fold share of rows predicted at the chosen threshold
+
+    def to_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """One JSON-ready row per location (the manifest's `locations` plus the figures)."""
+        rows = []
+        for j, name in enumerate(names):
+            row: dict[str, Any] = {
+                "name": name,
+                "status": self.status[j],
+                "positives": int(self.positives[j]),
+                "threshold": float(self.thresholds[j]),
+                "margin": round(float(self.margins[j]), 4),
+                "oof_best_f1": _maybe(self.best_f1[j]),
+                "oof_f1_noise": _maybe(self.noise[j]),
+                "oof_every_stack_f1": _maybe(self.every_stack_f1[j]),
+                "oof_chosen_f1": _maybe(self.chosen_f1[j]),
+                "oof_predicted_rate": _maybe(self.predicted_rate[j]),
+                "prevalence": _maybe(self.prevalence[j]),
+            }
+            if self.reasons[j]:
+                row["reason"] = self.reasons[j]
+            rows.append(row)
+        return rows
+
+
+def choose_thresholds(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    rule: str = DEFAULT_RULE,
+    *,
+    min_positives: int = 1,
+    grid: np.ndarray | None = None,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    precision_floor: float = DEFAULT_PRECISION_FLOOR,
+) -> ThresholdChoice:
+    """Per location, whether to predict it at all and at which threshold, from out-of-fold scores.
+
+    The noise of a location's F1 is the standard deviation, over `n_boot` bootstrap resamples
+    of the rows, of the F1 at its F1-maximising threshold. A location is "not trained" below
+    `min_positives` positives, and "not predicted" when its best F1 is zero or no better than
+    labelling every stack (F1 = 2P / (N + P)) by more than that noise: then the F1 curve is
+    flat, and its maximum sits wherever the noise put it, typically at the lowest threshold.
+    Otherwise `rule` chooses among the thresholds of `grid`:
+
+    - "near-best-rate" (default): among the thresholds whose F1 is within the noise of the
+      best, the one whose predicted rate is closest to the prevalence (by ratio);
+    - "f1": the F1-maximising threshold (the rule before issue 16);
+    - "ratio": the threshold whose predicted rate is closest to the prevalence, whatever its
+      F1 (the 2018 competition winners' rule);
+    - "precision-floor": the F1-maximising threshold among those with precision of at least
+      `precision_floor`; "not predicted" when none reaches it.
+
+    The margin of a trained location is the half-width of the widest score band around its
+    threshold (in steps of the grid's spacing) in which the out-of-fold labels were wrong at
+    least `MARGIN_ERROR_RATE` of the time (false positives above the threshold, false negatives
+    below it), counting only bands that hold at least `MARGIN_MIN_STACKS` rows; 0 when no band
+    qualifies. A label whose score lies that close to the threshold is no better than a coin
+    toss: the device reports it as near its threshold.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {rule!r} is not one of {', '.join(THRESHOLD_RULES)}")
     y_true = np.asarray(y_true, dtype=bool)
-    grid = np.linspace(0.02, 0.98, 49) if grid is None else grid
-    thresholds = np.ones(y_true.shape[1])
-    for j in range(y_true.shape[1]):
-        if not y_true[:, j].any():
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != y_true.shape or y_true.ndim != 2:
+        raise ValueError(
+            f"expected N x L labels and scores of one shape, got {y_true.shape} and {scores.shape}"
+        )
+    grid = GRID if grid is None else np.asarray(grid, dtype=np.float64)
+    n, n_locations = y_true.shape
+    step = float(np.min(np.diff(grid))) if len(grid) > 1 else 0.0
+    weights = bootstrap_weights(n, n_boot, seed) if n_boot > 0 else np.ones((1, n))
+    nan = np.full(n_locations, np.nan)
+    out = ThresholdChoice(
+        thresholds=np.ones(n_locations),
+        status=[NOT_PREDICTED] * n_locations,
+        reasons=[""] * n_locations,
+        margins=np.zeros(n_locations),
+        positives=y_true.sum(axis=0),
+        prevalence=y_true.mean(axis=0) if n else nan.copy(),
+        best_f1=nan.copy(),
+        noise=nan.copy(),
+        every_stack_f1=nan.copy(),
+        chosen_f1=nan.copy(),
+        predicted_rate=nan.copy(),
+    )
+    for j in range(n_locations):
+        positives = int(out.positives[j])
+        if positives < max(min_positives, 1):
+            out.status[j] = NOT_TRAINED
+            out.reasons[j] = (
+                f"{positives} training positive{'s' if positives != 1 else ''}, fewer than the "
+                f"{max(min_positives, 1)} needed to train and tune a classifier"
+            )
             continue
-        predicted = scores[:, j][None, :] >= grid[:, None]  # thresholds x stacks
-        tp = (predicted & y_true[:, j]).sum(axis=1)
-        f1 = 2 * tp / (predicted.sum(axis=1) + y_true[:, j].sum())
-        thresholds[j] = grid[int(np.argmax(f1))]
-    return thresholds
+        truth = y_true[:, j]
+        predicted = scores[:, j][None, :] >= grid[:, None]  # thresholds x rows
+        hits = (predicted & truth).astype(np.float64)
+        f1, rate, precision = _curves(hits.sum(axis=1), predicted.sum(axis=1), positives, n)
+        best = int(np.argmax(f1))
+        boot_f1, _, _ = _curves(
+            weights @ hits[best],
+            weights @ predicted[best].astype(np.float64),
+            weights @ truth.astype(np.float64),
+            n,
+        )
+        noise = float(np.std(boot_f1))
+        every = 2 * positives / (n + positives)
+        out.best_f1[j], out.noise[j], out.every_stack_f1[j] = f1[best], noise, every
+        if f1[best] <= 0:
+            out.reasons[j] = "out-of-fold F1 is zero at every threshold: no evidence to predict it"
+            continue
+        if f1[best] - every <= noise:
+            out.reasons[j] = (
+                f"out-of-fold F1 {f1[best]:.3f} is no better than labelling every stack ({every:.3f}) "
+                f"by more than its noise ({noise:.3f}): no evidence to predict it"
+            )
+            continue
+        prevalence = positives / n
+        chosen = _choose(
+            rule, f1[None], rate[None], precision[None], np.array([prevalence]), noise, precision_floor
+        )[0]
+        if chosen < 0:
+            out.reasons[j] = (
+                f"no threshold reaches out-of-fold precision {precision_floor:.2f} "
+                f"(best F1 {f1[best]:.3f}): not predicted"
+            )
+            continue
+        out.status[j] = TRAINED
+        out.thresholds[j] = grid[chosen]
+        out.chosen_f1[j], out.predicted_rate[j] = f1[chosen], rate[chosen]
+        out.margins[j] = coin_toss_margin(scores[:, j], truth, float(grid[chosen]), step)
+    return out
+
+
+def coin_toss_margin(
+    scores: np.ndarray,
+    truth: np.ndarray,
+    threshold: float,
+    step: float,
+    error_rate: float = MARGIN_ERROR_RATE,
+    min_stacks: int = MARGIN_MIN_STACKS,
+) -> float:
+    """Half-width of the widest band around the threshold where the labels were wrong at least
+    `error_rate` of the time (see `choose_thresholds`); 0 when none is."""
+    if step <= 0:
+        return 0.0
+    distance = np.abs(scores - threshold)
+    wrong = (scores >= threshold) != truth
+    order = np.argsort(distance, kind="stable")
+    distance, wrong = distance[order], wrong[order]
+    widths = step * np.arange(1, int(np.ceil(0.5 / step)) + 1)
+    inside = np.searchsorted(distance, widths - 1e-12, side="left")  # rows with distance < width
+    errors = np.concatenate([[0], np.cumsum(wrong)])[inside]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        qualifies = (inside >= min_stacks) & (errors >= error_rate * inside)
+    return float(widths[np.flatnonzero(qualifies)[-1]]) if qualifies.any() else 0.0
+
+
+def _curves(
+    tp: np.ndarray, predicted: np.ndarray, positives: float | np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """F1, predicted rate and precision per threshold from counts (or bootstrap-weighted counts)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(predicted + positives > 0, 2 * tp / (predicted + positives), 0.0)
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1e-12), 0.0)
+    return f1, predicted / n, precision
+
+
+def _choose(
+    rule: str,
+    f1: np.ndarray,
+    rate: np.ndarray,
+    precision: np.ndarray,
+    prevalence: np.ndarray,
+    noise: float,
+    precision_floor: float,
+) -> np.ndarray:
+    """The chosen grid index per row of the R x G curves (-1: no threshold qualifies).
+
+    Ties go to the highest threshold (fewer labels)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.abs(np.log(rate / prevalence[:, None]))
+    distance = np.where(np.isfinite(distance), distance, np.inf)
+    if rule == "f1":
+        cost = -f1
+    elif rule == "ratio":
+        cost = distance
+    elif rule == "near-best-rate":
+        near = f1 >= f1.max(axis=1, keepdims=True) - noise
+        cost = np.where(near & (f1 > 0), distance, np.inf)
+    else:  # precision-floor
+        cost = np.where((precision >= precision_floor) & (f1 > 0), -f1, np.inf)
+    last = cost.shape[1] - 1 - np.argmin(cost[:, ::-1], axis=1)  # the highest among equal costs
+    return np.where(np.isfinite(cost[np.arange(len(cost)), last]), last, -1)
+
+
+def best_thresholds(
+    y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | None = None, rule: str = DEFAULT_RULE
+) -> np.ndarray:
+    """Per location, the threshold `choose_thresholds` picks on (out-of-fold) scores.
+
+    1.0 (never predicted) where there were no positives or no evidence.
+    """
+    return choose_thresholds(y_true, scores, rule, grid=grid).thresholds
+
+
+def _maybe(value: float) -> float | None:
+    return None if not np.isfinite(value) else round(float(value), 4)
 
 
 def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,16 @@
 
 1. Join the label file with the embedding cache (optionally only the ids in --include-ids).
 2. Hold out a multilabel-stratified test split; it is scored once, at the end.
-3. Fit `LocationForests` on the training part: out-of-fold scores from a multilabel-stratified
-   cross-validation choose one threshold per location (the F1-maximising one), then the 28
-   forests are fitted on the whole training part (natural frequencies, class weights).
+3. Fit `LocationForests` on the training part: a location with fewer than --min-positives
+   training positives is not trained; out-of-fold scores from a multilabel-stratified
+   cross-validation decide, per location, whether there is evidence to predict it at all and
+   at which threshold (--threshold-rule), then the forests of the predicted locations are
+   fitted on the whole training part (natural frequencies).
 4. On the test split, beside ours: the original study's method trained on the same stacks,
-   its own balanced-test figure, and the biologists' per-location F1.
+   its own balanced-test figure, and the biologists' per-location F1. Locations not trained
+   or not predicted count in macro F1 like any other (0 where the split has positives).
+   Beside macro F1, the figures a user of the labels feels: labels per stack, exact label
+   sets, sample F1, and per location the predicted rate beside the prevalence.
 
 The model folder gets `classifiers.pkl` (the fitted `LocationForests`, for `hpa-edge export`
 and the float reference on the workstation; the device never loads a pickle), `model.json`
@@ -38,6 +43,7 @@ from export.training.evaluate import balanced_test_f1, biologist_f1, score_metho
 from export.training.folds import out_of_fold
 from export.training.forests import (
     DEFAULT_FOLDS,
+    DEFAULT_MIN_POSITIVES,
     ForestSettings,
     LocationForests,
     fit_joint,
@@ -45,11 +51,20 @@ from export.training.forests import (
     predict_joint,
     predict_scores,
 )
-from export.training.metrics import best_thresholds
+from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, best_thresholds
 
 MODEL_FORMAT = 2  # 2: classifiers.pkl holds a LocationForests (1: a list of 28 forests or None)
 ORIGINAL_THRESHOLD = 0.5  # the original study's one threshold for every location
 JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations
+# The label-set figures of the held-out split that model.json (and so the manifest) carries.
+USER_FIGURES = (
+    "labels_per_stack_true",
+    "labels_per_stack_predicted",
+    "exact_label_sets",
+    "samples_f1",
+    "no_label_stacks",
+    "over_predicted",
+)
 
 
 class TrainError(ValueError):
@@ -65,10 +80,18 @@ class TrainSettings:
     bootstrap: int = 1000
     try_joint: bool = False
     original_trees: int = 100  # the original study's forests (grown fully)
+    min_positives: int = DEFAULT_MIN_POSITIVES
+    threshold_rule: str = DEFAULT_RULE
 
     def __post_init__(self) -> None:
         if not 2 <= self.folds <= 10:
             raise ValueError(f"folds must be 2..10, not {self.folds}")
+        if self.min_positives < 1:
+            raise ValueError(f"min positives must be at least 1, not {self.min_positives}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(
+                f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {self.threshold_rule}"
+            )
         if not 0.05 <= self.test_fraction <= 0.5:
             raise ValueError(f"test fraction must be 0.05..0.5, not {self.test_fraction}")
 
@@ -103,7 +126,12 @@ def train(
     """Split, tune thresholds out-of-fold, fit, and score ours against the original method."""
     train_rows, test_rows = train_test_split(y, settings.test_fraction, settings.seed)
     x_train, y_train, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
-    classifier = LocationForests.from_settings(settings.forest, settings.folds).fit(x_train, y_train)
+    classifier = LocationForests.from_settings(
+        settings.forest,
+        settings.folds,
+        min_positives=settings.min_positives,
+        threshold_rule=settings.threshold_rule,
+    ).fit(x_train, y_train)
     ours = classifier.predict(x_test)
     original_scores = predict_scores(
         fit_original(x_train, y_train, settings.seed, settings.forest.jobs, settings.original_trees), x_test
@@ -130,6 +158,10 @@ def train(
             "source": source,
         },
         "thresholds": [round(float(t), 4) for t in classifier.thresholds_],
+        "threshold_rule": settings.threshold_rule,
+        "min_positives": settings.min_positives,
+        "locations": classifier.threshold_choice_.to_rows(LOCATIONS),
+        "novelty": novelty_entry(classifier),
         "experiments": {},
     }
     if settings.try_joint:
@@ -137,6 +169,16 @@ def train(
             x_train, y_train, x_test, y_test, classifier.oof_folds_, ours, settings
         )
     return TrainedModel(classifier, evaluation, [ids[i] for i in train_rows], [ids[i] for i in test_rows])
+
+
+def novelty_entry(classifier: LocationForests) -> dict[str, Any]:
+    """The manifest's `novelty` entry for the estimator's reference (its arrays go in novelty.npz)."""
+    return {
+        "threshold": float(classifier.novelty_threshold_),
+        "components": len(classifier.novelty_.scales),
+        "percentile": float(classifier.novelty_percentile),
+        "method": "pca-whitened-rms",
+    }
 
 
 def joint_experiment(
@@ -211,12 +253,16 @@ def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSet
         "labels": list(LOCATIONS),
         "thresholds": [float(t) for t in model.classifier.thresholds_],
         "trained_locations": model.classifier.trained_locations,
+        "locations": model.classifier.location_rows(LOCATIONS),
+        "novelty": novelty_entry(model.classifier),
         "embedding": key,
         "settings": {
             "forest": settings.forest.to_dict(),
             "folds": settings.folds,
             "test_fraction": settings.test_fraction,
             "seed": settings.seed,
+            "min_positives": settings.min_positives,
+            "threshold_rule": settings.threshold_rule,
         },
         "data": evaluation["data"],
         "figures": {
@@ -224,6 +270,9 @@ def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSet
             "macro_f1_ci95": ours["macro_f1_ci95"],
             "per_location_f1": [r["f1"] for r in ours["per_location"]],
             "original_method_macro_f1": evaluation["split"]["methods"][ORIGINAL]["macro_f1"],
+            **{key: ours[key] for key in USER_FIGURES},
+            "predicted_rate": [r["predicted_rate"] for r in ours["per_location"]],
+            "prevalence": [r["prevalence"] for r in ours["per_location"]],
         },
         "test_ids": model.test_ids,
         "versions": {
@@ -262,6 +311,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--class-weight", default="balanced", choices=("balanced", "balanced_subsample", "none")
     )
     forest.add_argument("--jobs", type=int, default=-1, help="CPU cores for fitting (default: all)")
+    forest.add_argument(
+        "--min-positives",
+        type=int,
+        default=DEFAULT_MIN_POSITIVES,
+        help="fewer training positives and a location is not trained (default %(default)s)",
+    )
+    forest.add_argument(
+        "--threshold-rule",
+        choices=THRESHOLD_RULES,
+        default=DEFAULT_RULE,
+        help="how thresholds are chosen on out-of-fold scores (default %(default)s; docs/training.md)",
+    )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
         "--test-fraction", type=float, default=TrainSettings.test_fraction, help="(default %(default)s)"
@@ -311,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
             bootstrap=args.bootstrap,
             try_joint=args.try_joint,
             original_trees=args.original_trees,
+            min_positives=args.min_positives,
+            threshold_rule=args.threshold_rule,
         )
         labels = {row.stack_id: row.labels for row in read_labels(args.labels)}
         embeddings = EmbeddingCache(args.embeddings).load()
