@@ -193,3 +193,71 @@ def test_the_committed_demo_bundle_verifies_here_and_says_it_is_a_demo() -> None
     assert bundle.manifest["quantization"] == "int8"
     assert sum(p.stat().st_size for p in folder.iterdir()) < 15_000_000
     assert (folder / "LICENSE-efficientnet-lite0").is_file()
+
+
+# What the device needs to say how far to trust an answer (issue 16) ---------------------------
+def test_the_manifest_lists_every_location_with_its_status_positives_threshold_and_margin(
+    small_bundle: Path, small_model: Path
+) -> None:
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    locations = manifest["locations"]
+    assert [row["name"] for row in locations] == list(LOCATIONS)
+    assert [row["threshold"] for row in locations] == manifest["thresholds"]
+    meta = json.loads((small_model / "model.json").read_text())
+    assert [row["positives"] for row in locations] == [meta["data"]["train_positives"][n] for n in LOCATIONS]
+    assert {row["status"] for row in locations} >= {"trained", "not trained"}  # 240 stacks: rare ones too few
+    for row in locations:
+        assert row["margin"] >= 0
+        if row["status"] == "trained":
+            assert "reason" not in row
+        else:
+            assert row["reason"]
+            assert row["threshold"] == 1.0
+            assert row["margin"] == 0.0
+        if row["status"] == "not trained":
+            assert row["positives"] < 10
+
+
+def test_locations_never_predicted_have_no_forest_in_the_onnx_graph(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle, check_golden=False)
+    locations = bundle.manifest["locations"]
+    off = np.array([row["status"] != "trained" for row in locations])
+    assert off.any()
+    embeddings = np.random.default_rng(0).normal(size=(16, bundle.classifier.n_features)).astype(np.float32)
+    probabilities = bundle.classifier(embeddings)
+    assert (probabilities[:, off] == 0).all()
+    assert (probabilities[:, ~off] > 0).any()
+    assert not bundle.labels_for(probabilities)[:, off].any()
+
+
+def test_the_novelty_reference_ships_as_a_hashed_file_with_its_threshold(small_bundle: Path) -> None:
+    from agent.model.novelty import NoveltyReference
+
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    entry = manifest["files"]["novelty"]
+    assert entry["path"] == "novelty.npz"
+    assert entry["sha256"] == file_sha256(small_bundle / "novelty.npz")
+    novelty = manifest["novelty"]
+    assert novelty["method"] == "pca-whitened-rms"
+    assert novelty["percentile"] == 99.5
+    with np.load(small_bundle / "novelty.npz", allow_pickle=False) as data:
+        reference = NoveltyReference(data["mean"], data["components"], data["scales"])
+    assert reference.mean.shape == (1280,)
+    assert reference.components.shape == (novelty["components"], 1280)
+    assert novelty["threshold"] > 0
+    with np.load(small_bundle / "golden.npz") as golden:
+        distances = reference.distance(golden["embeddings"])
+    assert np.isfinite(distances).all()
+    fidelity = manifest["fidelity"]
+    assert 0 <= fidelity["novel_share_float"] <= 1
+    assert 0 <= fidelity["novel_share_exported"] <= 1
+
+
+def test_the_manifest_carries_the_image_quality_reference_of_the_training_stacks(small_bundle: Path) -> None:
+    from agent.stacks import quality
+
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    reference = manifest["quality"]["reference"]
+    assert reference["stacks"] == 20  # the calibration stacks
+    assert set(reference["figures"]) >= {"focus", "nucleus_fraction", "brightness_green"}
+    assert quality.assess({"focus": 1.0}, reference) is not None  # the agent's checks read it

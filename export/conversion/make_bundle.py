@@ -10,11 +10,22 @@
    says so.
 4. Write the bundle: the two models, golden vectors, `manifest.json` (hashes of every file),
    `fidelity.json`; then load it with the device code (`agent.model.bundle.load_bundle`).
+
+What the device needs to say how far to trust an answer goes in the manifest too (all
+optional, so older bundles still load): `locations` (per location its status, "trained",
+"not trained" or "not predicted", its training positives, threshold, margin and, when it is
+never predicted, the reason; such a location has no forest in the ONNX graph and threshold
+1.0), `novelty` with `novelty.npz` (the reference of `agent.model.novelty` fitted on the
+training features, and its threshold), and `quality.reference` (training ranges of the
+image-quality figures of `agent.stacks.quality`, measured on the calibration stacks' raw
+channels, when that module is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import pickle
@@ -50,6 +61,9 @@ class ExportError(ValueError):
     """The model cannot be exported as asked; the message says why."""
 
 
+QUALITY_MODULE = "agent.stacks.quality"  # image-quality figures; optional until it is installed
+
+
 @dataclass
 class Trained:
     folder: Path
@@ -61,6 +75,27 @@ class Trained:
     @property
     def thresholds(self) -> np.ndarray:
         return np.asarray(self.classifier.thresholds_)
+
+    def locations(self) -> list[dict[str, Any]]:
+        """The manifest's `locations`; training positives from model.json where the estimator
+        predates them (fitted before issue 16)."""
+        rows = self.classifier.location_rows(LOCATIONS)
+        counts = self.meta.get("data", {}).get("train_positives", {})
+        for row in rows:
+            if row["positives"] < 0:
+                row["positives"] = int(counts.get(row["name"], 0))
+        return rows
+
+    def novelty(self) -> dict[str, Any] | None:
+        """The manifest's `novelty` entry, or None for an estimator without a novelty reference."""
+        if getattr(self.classifier, "novelty_", None) is None:
+            return None
+        return {
+            "threshold": float(self.classifier.novelty_threshold_),
+            "components": len(self.classifier.novelty_.scales),
+            "percentile": float(self.classifier.novelty_percentile),
+            "method": "pca-whitened-rms",
+        }
 
 
 def read_model(folder: Path, weights: str | None) -> Trained:
@@ -111,17 +146,34 @@ def _classifier(folder: Path, pickled: Any, meta: dict[str, Any]) -> LocationFor
     return pickled
 
 
+def quality_module() -> Any | None:
+    """`agent.stacks.quality` when it is installed (its `measure` and `reference_from`), else None."""
+    if importlib.util.find_spec(QUALITY_MODULE) is None:
+        return None
+    return importlib.import_module(QUALITY_MODULE)
+
+
 def stack_images(
-    dataset: Dataset, ids: list[str], prep: Preprocessing
+    dataset: Dataset, ids: list[str], prep: Preprocessing, figures: list[dict[str, float]] | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Preprocessed pixels and labels of the readable stacks among ids (unreadable ones are reported)."""
+    """Preprocessed pixels and labels of the readable stacks among ids (unreadable ones are reported).
+
+    With `figures` (a list) and the quality module installed, the image-quality figures of each
+    stack's raw channels are appended to it.
+    """
     wanted = set(ids)
     kept, images, labels = [], [], []
+    quality = quality_module() if figures is not None else None
     for sample, stack in dataset.stacks_for(wanted):
         if isinstance(stack, StackError):
             print(f"export: skipped {sample.stack_id}: {stack}", file=sys.stderr)
             continue
         kept.append(sample.stack_id)
+        if quality is not None and figures is not None:
+            bits = (
+                prep.bit_depth.bits if prep.bit_depth.mode == "bits" else None
+            )  # as the device's camera bits
+            figures.append(quality.measure(stack.channels, bits))
         images.append(preprocess(stack.channels, prep))
         row = np.zeros(len(LOCATIONS), bool)
         row[list(sample.labels)] = True
@@ -173,6 +225,19 @@ def _round(value: float) -> float | None:
     return None if not np.isfinite(value) else round(float(value), 5)
 
 
+def novelty_figures(trained: Trained, reference: np.ndarray, exported: np.ndarray) -> dict[str, Any]:
+    """Share of held-out stacks the device would flag as novel, from float and from exported
+    embeddings (the threshold is set on float ones; quantization must not push typical stacks over)."""
+    entry = trained.novelty()
+    if entry is None:
+        return {}
+    limit, novelty = entry["threshold"], trained.classifier.novelty_
+    return {
+        "novel_share_float": _round(float((novelty.distance(reference) > limit).mean())),
+        "novel_share_exported": _round(float((novelty.distance(exported) > limit).mean())),
+    }
+
+
 def write_bundle(
     out: Path,
     trained: Trained,
@@ -182,6 +247,7 @@ def write_bundle(
     quantization: str,
     report: dict[str, Any],
     purpose: str,
+    quality_reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"embedder": "embedder.tflite", "classifiers": "classifiers.onnx", "golden": "golden.npz"}
@@ -194,6 +260,14 @@ def write_bundle(
             embeddings=golden["embeddings"],
             probabilities=golden["probabilities"],
         )
+    novelty = trained.novelty()
+    if novelty is not None:
+        files["novelty"] = "novelty.npz"
+        with (out / files["novelty"]).open("wb") as handle:
+            arrays = trained.classifier.novelty_.arrays()
+            np.savez_compressed(
+                handle, mean=arrays["mean"], components=arrays["components"], scales=arrays["scales"]
+            )
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     backbone = dict(trained.meta["embedding"]["backbone"])
     if backbone["name"] == "lite0" and backbone["weights"] == "imagenet":
@@ -221,6 +295,7 @@ def write_bundle(
         "evaluation": trained.meta["figures"],
         "fidelity": report,
         "golden": {**GOLDEN_TOLERANCE, "n": len(golden["images"])},
+        "locations": trained.locations(),
         "versions": {
             "hpa-edge": _version(),
             "python": platform.python_version(),
@@ -230,6 +305,10 @@ def write_bundle(
             "numpy": np.__version__,
         },
     }
+    if novelty is not None:
+        manifest["novelty"] = novelty
+    if quality_reference is not None:
+        manifest["quality"] = {"reference": quality_reference}
     partial = out / f".{MANIFEST}.tmp"
     partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(partial, out / MANIFEST)  # last: a bundle without a manifest is not a bundle
@@ -261,7 +340,12 @@ def export(args: argparse.Namespace) -> int:
     held_ids = [s for s in test_ids if s in known][: args.fidelity_stacks]
     if not held_ids:
         raise ExportError("none of the model's held-out stacks are in --data; fidelity needs them")
-    _, calibration, _ = stack_images(dataset, calibration_ids, trained.prep)
+    quality_figures: list[dict[str, float]] = []
+    _, calibration, _ = stack_images(dataset, calibration_ids, trained.prep, quality_figures)
+    quality = quality_module()
+    quality_reference = quality.reference_from(quality_figures) if quality and quality_figures else None
+    if quality is None:
+        print(f"export: {QUALITY_MODULE} is not installed: the bundle carries no image-quality reference")
     _, held, truth = stack_images(dataset, held_ids, trained.prep)
     print(f"export: {len(calibration)} calibration stacks, {len(held)} held-out stacks for fidelity")
     keras_model = build(trained.spec, trained.prep.size)
@@ -289,6 +373,7 @@ def export(args: argparse.Namespace) -> int:
             (ref_emb, ref_prob), (exp_emb, classifier(exp_emb)), trained.thresholds, truth, args.seed
         )
         report.update(quantization=quantization, onnx_parity_max_difference=parity, gate=args.min_identical)
+        report.update(novelty_figures(trained, ref_emb, exp_emb))
         attempts.append(
             {"quantization": quantization, "identical_label_sets": report["identical_label_sets"]}
         )
@@ -326,7 +411,9 @@ def export(args: argparse.Namespace) -> int:
         "embeddings": golden_emb,
         "probabilities": classifier(golden_emb),
     }
-    write_bundle(args.out, trained, tflite, onnx, golden, quantization, report, args.purpose)
+    write_bundle(
+        args.out, trained, tflite, onnx, golden, quantization, report, args.purpose, quality_reference
+    )
     bundle = load_bundle(args.out)
     print(
         f"export: bundle {args.out} ({quantization}, purpose {args.purpose}) verified with the device "
