@@ -161,10 +161,11 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
     - `status_`: per location "trained", "not trained" (fewer than `min_positives`) or "not
       predicted" (out-of-fold F1 zero or flat); `reasons_`: a sentence for the latter two;
     - `positives_`: training positives per location;
-    - `margins_`: per location, the half-width of the widest score band around the threshold
-      in which out-of-fold labels were wrong at least half the time (0 where nothing is
-      predicted or no band is): a label scored that close to its threshold is a coin toss,
-      and the device reports it as near its threshold;
+    - `margins_`: per location, the standard deviation of its threshold when the rule is
+      applied to bootstrap resamples of the out-of-fold rows (at least one grid step, 0.005;
+      0 where nothing is predicted): a score closer to the threshold than that could have
+      fallen either side with slightly different training data, and the device reports such
+      a label as near its threshold;
     - `threshold_choice_`: the `ThresholdChoice` with the out-of-fold figures behind all this;
     - `novelty_` (a `NoveltyReference` fitted on all training features) and
       `novelty_threshold_`: the `novelty_percentile` of the training stacks' novelty, each
