@@ -5,8 +5,8 @@
 3. Fit `LocationForests` on the training part: a location with fewer than --min-positives
    training positives is not trained; out-of-fold scores from a multilabel-stratified
    cross-validation decide, per location, whether there is evidence to predict it at all and
-   at which threshold (--threshold-rule), then the forests of the predicted locations are
-   fitted on the whole training part (natural frequencies).
+   at which threshold (--threshold-rule); the fold forests that gave those scores (natural
+   frequencies, class weights), merged per location, are the forests that predict.
 4. On the test split, beside ours: the original study's method trained on the same stacks,
    its own balanced-test figure, and the biologists' per-location F1. Locations not trained
    or not predicted count in macro F1 like any other (0 where the split has positives).
