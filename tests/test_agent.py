@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from agent.model.review import Trust
 from agent.stacks.labels import CHANNELS
 from agent.stacks.preprocess import preprocess
 from agent.stacks.stack import read_stack
@@ -305,9 +307,6 @@ def test_a_result_flagged_for_review_also_arrives_on_the_review_topic(
     tmp_path, broker, subscriber, demo_bundle
 ):
     """With margins as wide as the score range every label is uncertain: the stack needs a person."""
-    import dataclasses
-
-    from agent.model.review import Trust
     from tests.helpers import write_stack
 
     wide = dataclasses.replace(demo_bundle, trust=Trust(margins=np.ones(len(demo_bundle.thresholds))))
@@ -327,9 +326,10 @@ def test_a_result_flagged_for_review_also_arrives_on_the_review_topic(
 
 
 def test_an_unflagged_result_is_not_on_the_review_topic(tmp_path, broker, subscriber, demo_bundle, real_dir):
-    """The demo bundle carries no margins or novelty reference: a sound real stack with labels is fine."""
+    """Without margins or a novelty reference, a sound real stack with labels is not flagged."""
     config = config_for(tmp_path, broker.port)
-    with running(config, demo_bundle):
+    plain = dataclasses.replace(demo_bundle, trust=Trust())  # no margins, no novelty reference
+    with running(config, plain):
         drop(stack_files(real_dir), config.watch.folder, "sure")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         time.sleep(0.5)
