@@ -45,7 +45,7 @@ COMMANDS: dict[str, Command] = {
         "agent.tools.predict", "classify stack files once and print JSON results (no broker)", "agent"
     ),
     "agreement": Command(
-        "agent.tools.agreement",
+        "export.training.agreement",
         "compare results with known labels: label counts, F1, the review flag",
         "core",
     ),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,27 +100,3 @@ def test_a_rare_location_predicted_on_most_stacks_is_named_as_over_predicted() -
     scored = score_methods(y_true, {"m": y_pred}, n_boot=50)["methods"]["m"]
     assert scored["over_predicted"] == ["Aggresome"]
     assert scored["per_location"][24]["predicted_rate"] == 0.96
-
-
-def test_results_are_scored_against_a_label_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.stacks.labels import LOCATIONS
-    from export.training.evaluate import main
-
-    (tmp_path / "train.csv").write_text("Id,Target\na,0\nb,0 25\nc,24\n")
-    results = [
-        {"kind": "result", "stack_id": "a", "labels": [LOCATIONS[0]]},
-        {"kind": "result", "stack_id": "b", "labels": [LOCATIONS[0], LOCATIONS[24]]},
-        {"kind": "error", "stack_id": "c", "code": "unreadable"},
-    ]
-    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in results) + "\n")
-    assert main([str(tmp_path / "results.jsonl"), "--labels", str(tmp_path / "train.csv")]) == 0
-    out = capsys.readouterr().out
-    assert "stacks scored: 2 (1 labelled stacks without a result)" in out
-    assert "labels per stack: 1.5 true, 1.5 predicted" in out
-    assert "exact label sets: 50.0%" in out
-    assert main([str(tmp_path / "results.jsonl"), "--labels", str(tmp_path / "train.csv"), "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out)
-    assert figures["exact_label_sets"] == 0.5
-    (tmp_path / "bad.jsonl").write_text('{"stack_id": "a", "labels": ["Nowhere"]}\n')
-    assert main([str(tmp_path / "bad.jsonl"), "--labels", str(tmp_path / "train.csv")]) == 2
-    assert "unknown location" in capsys.readouterr().err

@@ -13,19 +13,14 @@ set is exactly right; the sample-averaged F1 (per stack, F1 of its predicted set
 true one); and per location the predicted rate beside the prevalence, with the locations
 predicted on more than 40% of stacks while true on fewer than 10% named.
 
-`python -m export.training.evaluate RESULTS.jsonl --labels train.csv` scores the JSON
-results of `hpa-edge predict` (or of the agent) against a label file the same way.
+`hpa-edge agreement` (agreement.py) scores the JSON results of `hpa-edge predict` or of the
+agent against a label file the same way.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import sys
-from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,86 +162,3 @@ def _round(value: float) -> float | None:
 
 def _pair(bounds: tuple[float, float]) -> list[float | None]:
     return [_round(bounds[0]), _round(bounds[1])]
-
-
-def read_results(lines: Sequence[str]) -> dict[str, list[str]]:
-    """{stack id: predicted location names} from JSON result documents, one per line."""
-    results: dict[str, list[str]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            document = json.loads(line)
-            if document.get("kind", "result") == "result":
-                results[str(document["stack_id"])] = list(document["labels"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"line {number}: not a result document: {exc}") from None
-    return results
-
-
-def against_truth(results: dict[str, list[str]], truth: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Results scored against true labels: macro F1 with its interval and the label-set figures."""
-    ids = sorted(set(results) & set(truth))
-    if not ids:
-        raise ValueError("no stack id is both in the results and in the label file")
-    index = {name: j for j, name in enumerate(LOCATIONS)}
-    y_true = np.zeros((len(ids), N_LOCATIONS), dtype=bool)
-    y_pred = np.zeros_like(y_true)
-    for i, sid in enumerate(ids):
-        y_true[i, list(truth[sid])] = True
-        unknown = [name for name in results[sid] if name not in index]
-        if unknown:
-            raise ValueError(f"{sid}: unknown location(s) {unknown}")
-        y_pred[i, [index[name] for name in results[sid]]] = True
-    scored = score_methods(y_true, {"results": y_pred})["methods"]["results"]
-    scored["n_stacks"] = len(ids)
-    scored["missing_results"] = len(set(truth) - set(results))
-    return scored
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m export.training.evaluate",
-        description="Score JSON results (hpa-edge predict's output) against an Id,Target label file.",
-    )
-    parser.add_argument("results", type=Path, help="file of JSON result documents, one per line")
-    parser.add_argument("--labels", type=Path, required=True, help="Id,Target label file (the truth)")
-    parser.add_argument("--json", action="store_true", help="print the full figures as JSON")
-    args = parser.parse_args(argv)
-    from export.data.dataset import DatasetError, read_labels
-
-    try:
-        truth = {row.stack_id: row.labels for row in read_labels(args.labels)}
-        scored = against_truth(read_results(args.results.read_text(encoding="utf-8").splitlines()), truth)
-    except (OSError, ValueError, DatasetError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(scored, indent=2))
-        return 0
-    low, high = scored["macro_f1_ci95"]
-    print(
-        f"stacks scored: {scored['n_stacks']} ({scored['missing_results']} labelled stacks without a result)"
-    )
-    print(f"macro F1: {scored['macro_f1']} (95% {low}-{high}; {scored['locations_scored']} locations scored)")
-    print(
-        f"labels per stack: {scored['labels_per_stack_true']} true, "
-        f"{scored['labels_per_stack_predicted']} predicted"
-    )
-    print(f"exact label sets: {scored['exact_label_sets']:.1%}; sample F1 {scored['samples_f1']}")
-    print(f"stacks without a label: {scored['no_label_stacks']:.1%}")
-    print(
-        f"predicted on > {OVER_PREDICTED_RATE:.0%} while true on < {OVER_PREDICTED_PREVALENCE:.0%}: "
-        + (", ".join(scored["over_predicted"]) or "none")
-    )
-    for row in scored["per_location"]:
-        if row["predicted_rate"] or row["prevalence"]:
-            print(
-                f"  {row['name']:<30} true {row['prevalence']:6.1%}  predicted {row['predicted_rate']:6.1%}"
-                f"  F1 {'-' if row['f1'] is None else row['f1']}"
-            )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
