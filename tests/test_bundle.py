@@ -238,7 +238,7 @@ def test_the_novelty_reference_ships_as_a_hashed_file_with_its_threshold(small_b
     assert entry["path"] == "novelty.npz"
     assert entry["sha256"] == file_sha256(small_bundle / "novelty.npz")
     novelty = manifest["novelty"]
-    assert novelty["method"] == "pca-whitened-rms"
+    assert novelty["method"] == "pca-whitened-rms-or-residual"
     assert novelty["percentile"] == 99.5
     with np.load(small_bundle / "novelty.npz", allow_pickle=False) as data:
         reference = NoveltyReference(data["mean"], data["components"], data["scales"])

@@ -27,3 +27,13 @@ def test_an_input_far_along_a_training_direction_scores_high() -> None:
 def test_components_beyond_the_rank_of_the_data_are_dropped() -> None:
     reference = NoveltyReference.fit(training_like(100, seed=1), n_components=16)
     assert len(reference.scales) == 4
+
+
+def test_an_input_off_the_training_directions_scores_high() -> None:
+    """Far from the space the training data spans, though its coordinates along it look typical."""
+    train = training_like(2000, seed=1) + np.random.default_rng(3).normal(scale=0.1, size=(2000, 32))
+    reference = NoveltyReference.fit(train, n_components=4)
+    off = reference.mean.copy()
+    normal = np.linalg.svd(reference.components)[2][-1]  # orthogonal to every component
+    off += 5.0 * normal
+    assert reference.distance(off[None])[0] > 5

@@ -155,3 +155,19 @@ def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> No
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="novelty reference is not for 1280 features"):
         load_bundle(folder, check_golden=False)
+
+
+@pytest.mark.integration
+def test_a_novelty_file_of_the_other_formula_than_the_manifest_says_is_refused(tmp_path: Path) -> None:
+    """The threshold was set for one formula: a reference without residual_scale cannot use it."""
+    folder = bundle_with(tmp_path, drop=("novelty",))
+    reference = NoveltyReference.fit(np.random.default_rng(0).normal(size=(50, 1280)), n_components=4)
+    np.savez(
+        folder / "novelty.npz", mean=reference.mean, components=reference.components, scales=reference.scales
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["novelty"] = {"path": "novelty.npz", "sha256": file_sha256(folder / "novelty.npz")}
+    manifest["novelty"] = {"threshold": 3.0, "method": "pca-whitened-rms-or-residual"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="holds a pca-whitened-rms reference, the manifest says"):
+        load_bundle(folder, check_golden=False)

@@ -358,7 +358,7 @@ def test_the_evaluation_shows_what_a_user_of_the_labels_feels() -> None:
     assert [r["status"] for r in locations] == model.classifier.status_
     assert locations[27]["status"] == NOT_TRAINED
     assert evaluation["threshold_rule"] == "near-best-rate"
-    assert evaluation["novelty"]["method"] == "pca-whitened-rms"
+    assert evaluation["novelty"]["method"] == "pca-whitened-rms-or-residual"
 
 
 def test_a_location_never_predicted_counts_zero_in_macro_f1_when_the_split_has_positives() -> None:

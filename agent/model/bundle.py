@@ -202,12 +202,16 @@ def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust
         path = folder / manifest["files"]["novelty"]["path"]
         try:
             with np.load(path, allow_pickle=False) as data:
-                reference = NoveltyReference(data["mean"], data["components"], data["scales"])
+                residual = float(data["residual_scale"]) if "residual_scale" in data.files else None
+                reference = NoveltyReference(data["mean"], data["components"], data["scales"], residual)
             limit = float(manifest["novelty"]["threshold"])
+            method = manifest["novelty"].get("method", reference.method)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"{path}: unreadable novelty reference: {exc}") from None
         if reference.mean.shape != (n_features,) or reference.components.shape[1:] != (n_features,):
             raise BundleError(f"{path}: novelty reference is not for {n_features} features")
+        if method != reference.method:  # the threshold was set for the other formula
+            raise BundleError(f"{path}: holds a {reference.method} reference, the manifest says {method}")
     quality = manifest.get("quality", {}).get("reference")
     return Trust(margins, available, reference, limit, quality)
 

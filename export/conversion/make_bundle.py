@@ -52,6 +52,7 @@ from export.data.dataset import Dataset, DatasetError
 from export.features.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
 from export.training.forests import ForestSettings, LocationForests
 from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
+from export.training.train import novelty_entry
 
 PARITY_TOLERANCE = 1e-5
 GOLDEN_TOLERANCE = {"min_cosine": 0.995, "max_probability_difference": 0.05}
@@ -90,12 +91,7 @@ class Trained:
         """The manifest's `novelty` entry, or None for an estimator without a novelty reference."""
         if getattr(self.classifier, "novelty_", None) is None:
             return None
-        return {
-            "threshold": float(self.classifier.novelty_threshold_),
-            "components": len(self.classifier.novelty_.scales),
-            "percentile": float(self.classifier.novelty_percentile),
-            "method": "pca-whitened-rms",
-        }
+        return novelty_entry(self.classifier)
 
 
 def read_model(folder: Path, weights: str | None) -> Trained:
@@ -264,10 +260,8 @@ def write_bundle(
     if novelty is not None:
         files["novelty"] = "novelty.npz"
         with (out / files["novelty"]).open("wb") as handle:
-            arrays = trained.classifier.novelty_.arrays()
-            np.savez_compressed(
-                handle, mean=arrays["mean"], components=arrays["components"], scales=arrays["scales"]
-            )
+            arrays: dict[str, Any] = trained.classifier.novelty_.arrays()
+            np.savez_compressed(handle, **arrays)
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     backbone = dict(trained.meta["embedding"]["backbone"])
     if backbone["name"] == "lite0" and backbone["weights"] == "imagenet":

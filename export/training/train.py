@@ -177,7 +177,7 @@ def novelty_entry(classifier: LocationForests) -> dict[str, Any]:
         "threshold": float(classifier.novelty_threshold_),
         "components": len(classifier.novelty_.scales),
         "percentile": float(classifier.novelty_percentile),
-        "method": "pca-whitened-rms",
+        "method": classifier.novelty_.method,
     }
 
 
