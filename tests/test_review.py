@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,17 +143,26 @@ def test_an_unknown_status_is_refused_with_the_location_named(tmp_path: Path) ->
         load_bundle(bundle_with(tmp_path, locations=entries), check_golden=False)
 
 
-@pytest.mark.integration
-def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> None:
+def with_novelty(tmp_path: Path, n_features: int, entry: dict[str, object]) -> Path:
+    """The demo bundle with a novelty reference of `n_features` (without residual) and this entry."""
     folder = bundle_with(tmp_path, drop=("novelty",))
-    reference = NoveltyReference.fit(np.random.default_rng(0).normal(size=(50, 10)), n_components=4)
-    np.savez(
-        folder / "novelty.npz", mean=reference.mean, components=reference.components, scales=reference.scales
-    )
+    reference = NoveltyReference.fit(np.random.default_rng(0).normal(size=(50, n_features)), n_components=4)
+    parts: dict[str, Any] = {
+        "mean": reference.mean,
+        "components": reference.components,
+        "scales": reference.scales,
+    }
+    np.savez(folder / "novelty.npz", **parts)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["novelty"] = {"path": "novelty.npz", "sha256": file_sha256(folder / "novelty.npz")}
-    manifest["novelty"] = {"threshold": 3.0}
+    manifest["novelty"] = entry
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.integration
+def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> None:
+    folder = with_novelty(tmp_path, 10, {"threshold": 3.0})
     with pytest.raises(BundleError, match="novelty reference is not for 1280 features"):
         load_bundle(folder, check_golden=False)
 
@@ -160,14 +170,6 @@ def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> No
 @pytest.mark.integration
 def test_a_novelty_file_of_the_other_formula_than_the_manifest_says_is_refused(tmp_path: Path) -> None:
     """The threshold was set for one formula: a reference without residual_scale cannot use it."""
-    folder = bundle_with(tmp_path, drop=("novelty",))
-    reference = NoveltyReference.fit(np.random.default_rng(0).normal(size=(50, 1280)), n_components=4)
-    np.savez(
-        folder / "novelty.npz", mean=reference.mean, components=reference.components, scales=reference.scales
-    )
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["novelty"] = {"path": "novelty.npz", "sha256": file_sha256(folder / "novelty.npz")}
-    manifest["novelty"] = {"threshold": 3.0, "method": "pca-whitened-rms-or-residual"}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = with_novelty(tmp_path, 1280, {"threshold": 3.0, "method": "pca-whitened-rms-or-residual"})
     with pytest.raises(BundleError, match="holds a pca-whitened-rms reference, the manifest says"):
         load_bundle(folder, check_golden=False)
