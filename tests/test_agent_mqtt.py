@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from agent.model.review import Trust
 from tests.agent_harness import config_for, drop, outbox_depth, running, stack_files
 from tests.broker import Broker, Subscriber, retained, tls_broker
 
@@ -31,7 +33,13 @@ def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, 
     assert outbox_depth(config.state.database)["pending"] == 0
 
 
-def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, demo_bundle, real_dir):
+@pytest.fixture
+def plain_bundle(demo_bundle: Any) -> Any:
+    """The demo bundle without its trust entries: a result is one outbox row, never a review copy too."""
+    return dataclasses.replace(demo_bundle, trust=Trust())
+
+
+def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, plain_bundle, real_dir):
     acl = tmp_path / "acl"
     acl.write_text(
         "topic readwrite hpa-edge/scope/status\n"
@@ -43,7 +51,7 @@ def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, 
     subscriber = Subscriber(broker.port)
     try:
         config = config_for(tmp_path, broker.port)
-        with running(config, demo_bundle) as agent:
+        with running(config, plain_bundle) as agent:
             drop(stack_files(real_dir, 21), config.watch.folder, "denied")
             assert subscriber.wait_for(lambda: agent.drainer is not None and agent.drainer.rejected == 1)
             time.sleep(1.0)  # long enough for a retry storm to show
@@ -100,7 +108,7 @@ def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, real_
 
 
 def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
-    tmp_path, demo_bundle, real_dir, capsys
+    tmp_path, plain_bundle, real_dir, capsys
 ):
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
@@ -114,7 +122,7 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
         config = config_for(
             tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
         )
-        with running(config, demo_bundle) as agent:
+        with running(config, plain_bundle) as agent:
             drop(stack_files(real_dir, 23), config.watch.folder, "kept")
             time.sleep(2.5)
             assert agent.stats.counts["processed"] == 1  # the pipeline goes on; the result waits on disk
