@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real HPA stacks are, and artefacts built once per session."""
+"""Shared fixtures: where the real HPA stacks are (or synthetic ones in their place), and artefacts
+built once per session."""
 
 from __future__ import annotations
 
@@ -27,6 +28,32 @@ def real_dir() -> Path:
     folder = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
     if not (folder / "stacks").is_dir():
         pytest.skip(f"real HPA stacks not found at {folder} (set HPA_REAL to their folder)")
+    return folder
+
+
+SOURCE_STACKS = 24  # synthetic stacks when the real ones are absent: the tests index 0..23
+
+
+@pytest.fixture(scope="session")
+def stack_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose `stacks/` holds real-format stacks (`<id>_<channel>.png`, 8-bit, 512 x 512).
+
+    The real HPA stacks (../shared/hpa-real, or $HPA_REAL, as `real_dir`) when their `stacks/`
+    exists: real pixels are the better test input, and CI has them. Otherwise, as on a user's
+    fresh clone, 24 synthetic stacks from the project's generator at the real size, made once per
+    session (seconds), with their labels in `labels.csv` beside `stacks/` as in the real folder;
+    so the tests that need only some stacks in the real format run everywhere instead of skipping.
+    Tests that need the real images themselves (their labels, hashes, statistics) use `real_dir`.
+    """
+    real = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
+    if (real / "stacks").is_dir():
+        return real
+    from export.data.synth import generate
+
+    folder = tmp_path_factory.mktemp("stack_source")
+    labels = generate(folder / "stacks", n=SOURCE_STACKS, seed=3, size=512, workers=2)
+    labels.rename(folder / "labels.csv")
+    (folder / "stacks" / "synth.json").rename(folder / "synth.json")
     return folder
 
 
