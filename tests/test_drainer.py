@@ -8,6 +8,10 @@ against a real mosquitto in test_agent_mqtt.py and the fault suite.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
+import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from agent.service import log
 from agent.service.drainer import Drainer, DrainSettings
 from agent.service.outbox import Row
 from agent.service.sinks import Answer, SinkUnavailableError, Verdict
@@ -22,7 +29,12 @@ from agent.service.state import Ledger, Message, Record
 from tests.agent_harness import outbox_depth
 
 FAST = DrainSettings(
-    max_inflight=4, reconnect_min=0.05, reconnect_max=0.2, stats_interval=0.0, flush_seconds=1.0
+    max_inflight=4,
+    reconnect_min=0.05,
+    reconnect_max=0.2,
+    stats_interval=0.0,
+    flush_seconds=1.0,
+    outbox_retry=0.05,
 )
 
 
@@ -98,6 +110,71 @@ def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+class Events(logging.Handler):
+    """The agent's log events, parsed, as a list of dicts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[dict[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(log.parse_line(record.getMessage()))
+
+    def named(self, name: str) -> list[dict[str, str]]:
+        return [event for event in self.seen if event.get("event") == name]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    handler = Events()
+    level = log.LOGGER.level
+    log.LOGGER.addHandler(handler)
+    log.LOGGER.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        log.LOGGER.removeHandler(handler)
+        log.LOGGER.setLevel(level)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs: a real disk that fills up."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_up(disk: Path) -> Path:
+    """Write a file until the disk has no byte left; deleting it gives the space back."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for size in (65536, 4096, 512, 1):
+            while True:
+                try:
+                    out.write(b"\0" * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    return filler
+
+
+def truncate_wal(database: Path) -> None:
+    """Empty the write-ahead log, so the next write needs new disk space (not reused WAL pages)."""
+    db = sqlite3.connect(database)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
 
 
 @contextmanager
@@ -199,3 +276,49 @@ def test_shutdown_delivers_the_backlog_then_says_goodbye(tmp_path: Path) -> None
         drainer.kick()
     assert outbox_depth(database)["pending"] == 0
     assert sink.goodbyes == 1
+
+
+def test_answers_that_cannot_be_written_on_a_full_disk_are_kept_and_written_when_space_returns(
+    small_disk: Path, events: Events
+) -> None:
+    database = small_disk / "state.db"
+    fill(database, 6)
+    sink = ListSink()
+    sink.answer_now = False
+    with draining(database, sink) as drainer:
+        assert wait_for(lambda: len(sink.sent) == FAST.max_inflight)
+        truncate_wal(database)
+        filler = fill_up(small_disk)
+        sink.answer_now = True  # the answers arrive while nothing can be written
+        assert wait_for(lambda: bool(events.named("outbox_write_failed")))
+        time.sleep(0.5)  # many retry pauses of 0.05 s
+        assert drainer.is_alive()
+        assert drainer.failure is None
+        assert drainer.sent == 0
+        assert len(sink.sent) == FAST.max_inflight  # answered rows are not sent again, nor new ones
+        filler.unlink()
+        assert wait_for(lambda: drainer.sent == 6)
+    assert len(events.named("outbox_write_failed")) == 1
+    assert [event["side"] for event in events.named("outbox_recovered")] == ["write"]
+    assert all(sink.attempts(f"m{i}") == 1 for i in range(6))
+    assert outbox_depth(database) == {"pending": 0, "rejected": 0}
+
+
+def test_an_outbox_that_cannot_be_opened_at_start_is_opened_when_space_returns(
+    small_disk: Path, events: Events
+) -> None:
+    database = small_disk / "state.db"
+    fill(database, 3)
+    filler = fill_up(small_disk)
+    sink = ListSink()
+    with draining(database, sink) as drainer:
+        assert wait_for(lambda: bool(events.named("outbox_unreadable")))
+        beat = drainer.beat
+        assert wait_for(lambda: drainer.beat > beat)  # alive for the watchdog while it waits
+        assert drainer.is_alive()
+        assert not sink.sent
+        filler.unlink()
+        assert wait_for(lambda: drainer.sent == 3)
+    assert len(events.named("outbox_unreadable")) == 1
+    assert [event["side"] for event in events.named("outbox_recovered")] == ["read"]
+    assert outbox_depth(database) == {"pending": 0, "rejected": 0}

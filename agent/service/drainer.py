@@ -9,6 +9,15 @@ stats message, and on shutdown delivering what it can within `flush_seconds`. Th
 (`agent.service.sinks`) only connects, sends and reports answers; everything the sink does
 runs on this thread too, which is what paho's client needs (it is not reliably thread-safe).
 
+The database is allowed to fail (a full disk, a locked or unreadable file): the thread never
+dies of it. Opening and reading are retried after `outbox_retry` s. An answer whose outbox
+write fails is kept in memory, in order, and written again after the same pause; its row is
+not sent again meanwhile (it was answered), and no new rows are sent while answers wait, so
+memory stays bounded by `max_inflight`. Each of these logs once when it starts failing
+(`outbox_unreadable`, `outbox_write_failed`) and once when it works again (`outbox_recovered`),
+not once per row or per turn. Should the agent stop before a write succeeds, the row is sent
+again after the restart, which consumers de-duplicate by `msg_id`.
+
 Other threads only `kick()` it (new rows are in the outbox) and read its counters. It tells
 the outside world two things through callbacks given at construction: `on_delivered(msg_id,
 at)` when a row was accepted, and `stats(pending, rejected, inflight, connected)`, which
@@ -42,9 +51,49 @@ class DrainSettings:
     stats_interval: float = 60.0  # 0 = no stats messages
     flush_seconds: float = 5.0
     retry_seconds: float = 5.0  # a row answered RETRY waits this long before it is sent again
+    outbox_retry: float = 1.0  # pause before the database is tried again after an error
 
 
 StatsSource = Callable[[dict[str, int], int, bool], dict[str, Any]]
+
+
+class _Trouble:
+    """Whether one use of the database (reading or writing) is failing now.
+
+    It logs the changes of state only: one line when the use starts failing, one when it works
+    again, however many turns or rows fail in between; and it says when to try again.
+    """
+
+    def __init__(self, event: str, side: str, pause: float) -> None:
+        self.event = event  # outbox_unreadable | outbox_write_failed
+        self.side = side
+        self.pause = pause
+        self.since: float | None = None  # when it started failing
+        self.failures = 0
+        self.next_try = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_try
+
+    def failed(self, error: object, **fields: Any) -> None:
+        now = time.monotonic()
+        self.next_try = now + self.pause
+        self.failures += 1
+        if self.since is None:
+            self.since = now
+            log.event(self.event, "error", error=error, retry_s=self.pause, **fields)
+
+    def worked(self) -> None:
+        self.next_try = 0.0
+        if self.since is not None:
+            log.event(
+                "outbox_recovered",
+                side=self.side,
+                down_s=round(time.monotonic() - self.since, 1),
+                failures=self.failures,
+            )
+            self.since = None
+            self.failures = 0
 
 
 class Drainer(threading.Thread):
@@ -64,8 +113,8 @@ class Drainer(threading.Thread):
         self.kind = kind  # prefixes the log events: mqtt_connected, mqtt_connection_lost, ...
         self.stats_source = stats
         self.on_delivered = on_delivered
-        self.sent = 0
-        self.rejected = 0
+        self.sent = 0  # rows accepted and deleted from the outbox
+        self.rejected = 0  # rows refused and marked so in the outbox
         self.inflight: dict[int, Row] = {}
         self.failure: BaseException | None = None
         self.beat = time.monotonic()  # last turn of this thread's loop, for the systemd watchdog
@@ -78,6 +127,9 @@ class Drainer(threading.Thread):
         self._connected_once = False
         self._more = True
         self._resting: dict[int, float] = {}  # seq -> when a row answered RETRY may go again
+        self._unwritten: dict[int, Answer] = {}  # seq -> an answer not yet in the outbox
+        self._reading = _Trouble("outbox_unreadable", "read", settings.outbox_retry)
+        self._writing = _Trouble("outbox_write_failed", "write", settings.outbox_retry)
         self._next_stats = time.monotonic() + settings.stats_interval
 
     @property
@@ -101,31 +153,53 @@ class Drainer(threading.Thread):
     # The thread ---------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self._outbox = Outbox(self.database)
             while True:
                 self.beat = time.monotonic()
                 if self._stop_request.is_set() and self._drained_or_late():
                     break
+                if self._outbox is None:
+                    self._open()
+                    continue
+                self._write_answers()
                 if not self._linked:
                     self._try_connect()
                     continue
                 self._step()
             self._close(goodbye=True)
-        except BaseException as exc:  # surfaced to the service, which exits non-zero
+        except BaseException as exc:  # a bug, not a fault of the database or the sink: surfaced
             self.failure = exc
             log.event("publisher_failed", "error", error=repr(exc))
         finally:
             self._close(goodbye=False)
             if self._outbox is not None:
+                self._write_answers(last=True)  # not written: re-sent after a restart
                 self._outbox.close()
 
     _linked = False  # a connection was started and not lost since
 
     def _drained_or_late(self) -> bool:
-        if time.monotonic() >= self._flush_until or not self.sink.ready:
+        if time.monotonic() >= self._flush_until or not self.sink.ready or self._outbox is None:
             return True
-        assert self._outbox is not None
-        return not self.inflight and self._outbox.depth()["pending"] == 0
+        if self.inflight or self._unwritten:
+            return False
+        try:
+            return self._outbox.depth()["pending"] == 0
+        except StateError:
+            return False  # cannot tell: keep delivering until the flush time is up
+
+    def _open(self) -> None:
+        """Open the outbox; the database may be unavailable for a while (e.g. a full disk)."""
+        if self._reading.due(time.monotonic()):
+            try:
+                self._outbox = Outbox(self.database)
+            except StateError as exc:
+                self._reading.failed(exc)
+            else:
+                self._reading.worked()
+                return
+        self._kick.wait(min(self.settings.outbox_retry, 0.25))
+        self._kick.clear()
+        self._more = True
 
     def _try_connect(self) -> None:
         now = time.monotonic()
@@ -152,6 +226,7 @@ class Drainer(threading.Thread):
             self._more = True
         for answer in answers:
             self._settle(answer)
+        self._write_answers()
         if not self.sink.ready:
             return
         if self._kick.is_set():
@@ -167,13 +242,17 @@ class Drainer(threading.Thread):
         assert self._outbox is not None
         now = time.monotonic()
         self._resting = {seq: until for seq, until in self._resting.items() if until > now}
-        room = self.settings.max_inflight - len(self.inflight)
-        busy = {row.seq for row in self.inflight.values()} | set(self._resting)
+        # Answers waiting to be written count as in flight: nothing new goes while writes fail.
+        room = self.settings.max_inflight - len(self.inflight) - len(self._unwritten)
+        if room <= 0 or not self._reading.due(now):
+            return
+        busy = {row.seq for row in self.inflight.values()} | set(self._resting) | set(self._unwritten)
         try:
             rows = self._outbox.next_rows(room, skip=busy)
         except StateError as exc:
-            log.event("outbox_unreadable", "error", error=exc)
+            self._reading.failed(exc)
             return
+        self._reading.worked()
         self._more = len(rows) == room or bool(self._resting)
         for row in rows:
             token = self.sink.send(row)
@@ -187,16 +266,13 @@ class Drainer(threading.Thread):
         row = self.inflight.pop(answer.token, None)
         if row is None:
             return  # not an outbox row (status, latest) or from a connection since dropped
-        assert self._outbox is not None
         self._more = True
         if answer.verdict == Verdict.ACCEPTED:
-            self._outbox.acknowledged(row.seq)
-            self.sent += 1
-            if self.on_delivered is not None:
+            self._unwritten[row.seq] = answer
+            if self.on_delivered is not None:  # delivered now, whenever the delete gets written
                 self.on_delivered(row.msg_id, time.monotonic())
         elif answer.verdict == Verdict.REJECTED:
-            self._outbox.rejected(row.seq, answer.reason)
-            self.rejected += 1
+            self._unwritten[row.seq] = answer
             log.event(
                 f"{self.kind}_rejected", "error", kind=row.kind, msg_id=row.msg_id, reason=answer.reason
             )
@@ -211,14 +287,38 @@ class Drainer(threading.Thread):
                 retry_s=self.settings.retry_seconds,
             )
 
-    def outbox_depth(self) -> dict[str, int]:
+    def _write_answers(self, last: bool = False) -> None:
+        """Put the answers in the outbox, oldest first; on an error keep them for the next try."""
+        if not self._unwritten or not (last or self._writing.due(time.monotonic())):
+            return
         assert self._outbox is not None
-        return self._outbox.depth()
+        while self._unwritten:
+            seq, answer = next(iter(self._unwritten.items()))
+            try:
+                if answer.verdict == Verdict.ACCEPTED:
+                    self._outbox.acknowledged(seq)
+                else:
+                    self._outbox.rejected(seq, answer.reason)
+            except StateError as exc:
+                self._writing.failed(exc, waiting=len(self._unwritten))
+                return
+            del self._unwritten[seq]
+            if answer.verdict == Verdict.ACCEPTED:
+                self.sent += 1
+            else:
+                self.rejected += 1
+        self._writing.worked()
 
     def _send_stats(self) -> None:
         if self.stats_source is None:
             return
-        document = self.stats_source(self.outbox_depth(), len(self.inflight), self.sink.ready)
+        assert self._outbox is not None
+        try:
+            depth = self._outbox.depth()
+        except StateError as exc:
+            self._reading.failed(exc)
+            return  # best effort: the next one follows
+        document = self.stats_source(depth, len(self.inflight), self.sink.ready)
         self.sink.send_stats(messages.encode(document))
 
     def _retry_later(self, why: str, error: object) -> None:

@@ -4,6 +4,9 @@ A row leaves the outbox only when the broker acknowledged it with a success code
 broker refused (MQTT 5 reason code >= 0x80, e.g. 135 "not authorized") is marked rejected
 with the reason and kept for the operator; it is not retried, so an ACL mistake cannot turn
 into a retry storm. Rows are sent in the order they were written.
+
+Every database error comes out as StateError (disk full, locked, unreadable): the drainer
+treats it as a passing condition of the database, never as a reason to stop.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sqlite3
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.service.state import StateError, connect
 
@@ -32,10 +36,10 @@ class Outbox:
 
     def next_rows(self, limit: int, skip: Collection[int] = ()) -> list[Row]:
         """The oldest pending rows not in `skip` (those already in flight)."""
-        rows = self.db.execute(
+        rows = self._read(
             "SELECT seq, kind, msg_id, payload FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?",
             (limit + len(skip),),
-        ).fetchall()
+        )
         picked = [Row(int(s), str(k), str(m), bytes(p)) for s, k, m, p in rows if s not in skip]
         return picked[:limit]
 
@@ -46,10 +50,16 @@ class Outbox:
         self._write("UPDATE outbox SET state = 'rejected', reason = ? WHERE seq = ?", (reason, seq))
 
     def depth(self) -> dict[str, int]:
-        rows = self.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        rows = self._read("SELECT state, COUNT(*) FROM outbox GROUP BY state", ())
         counts = {"pending": 0, "rejected": 0}
         counts.update({str(state): int(n) for state, n in rows})
         return counts
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the outbox: {exc}") from None
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:
         try:
