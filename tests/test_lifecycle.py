@@ -32,21 +32,21 @@ def test_a_stack_seen_in_part_is_seen_and_waits() -> None:
     book.observe(look(pending={"s": {"red": "s_red.png"}}), 0.0)
     assert book.lives["s"].phase == Phase.SEEN
     assert book.waiting == 1
-    assert book.ready(16) == []
+    assert book.ready(16, 0.0) == []
 
 
 def test_a_seen_stack_becomes_complete_when_the_tracker_says_ready() -> None:
     book = StackBook()
     book.observe(look(pending={"s": {"red": "s_red.png"}}), 0.0)
     book.observe(look(ready={"s": FOUR}), 2.0)
-    (life,) = book.ready(16)
+    (life,) = book.ready(16, 0.0)
     assert (life.phase, life.names, life.complete_at) == (Phase.COMPLETE, FOUR, 2.0)
 
 
 def test_ready_gives_complete_stacks_in_id_order_up_to_the_batch() -> None:
     book = StackBook()
     book.observe(look(ready={sid: FOUR for sid in ("c", "a", "b")}), 0.0)
-    assert [life.stack_id for life in book.ready(2)] == ["a", "b"]
+    assert [life.stack_id for life in book.ready(2, 0.0)] == ["a", "b"]
 
 
 def test_a_stack_whose_files_went_away_leaves_the_book() -> None:

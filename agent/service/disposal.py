@@ -9,10 +9,22 @@ Moving is file by file. When one move fails (disk full, permissions), the files 
 moved stay moved and the rest stay in the folder; the caller keeps the stack and retries
 later, and a retry only moves what is still there, so a half-moved stack is finished rather
 than mistaken for a new, incomplete one.
+
+A file that changed after it was read (other size or mtime than when its stack was taken
+for analysis) is not moved: the answer recorded is not about its new bytes. It stays in the
+folder and is seen afresh: written again as part of a whole new stack, it is analysed (a
+new result, a new msg_id); alone, it ends in quarantine with a `changed_after_read` error
+naming it. The check is a stat just before the move, so a write racing the rename itself is
+not caught (documented in docs/reliability.md).
+
+`<id>.error.json` is never overwritten by a different error of the same id: the next one
+is `<id>.error.1.json`, and so on.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +56,7 @@ class Disposal:
     target: Path
     error: OSError | None = None  # the move that failed; None when every file is dealt with
     left: dict[str, Entry] = field(default_factory=dict)  # files.after = "leave": how they looked
+    changed: list[str] = field(default_factory=list)  # changed since they were read: not moved
 
 
 class Disposer:
@@ -58,25 +71,78 @@ class Disposer:
         self.lister = lister
         self.move = move
 
-    def dispose(self, analysis: Analysis, names: Mapping[str, str]) -> Disposal:
-        """Move, delete or leave the files still in the folder; never raises OSError."""
+    def dispose(
+        self, analysis: Analysis, names: Mapping[str, str], expected: Mapping[str, Entry] | None = None
+    ) -> Disposal:
+        """Move, delete or leave the files still in the folder, except those that no longer look
+        as `expected` (name -> how it looked when read); never raises OSError."""
         destination = destination_of(analysis)
         after = self.config.files.after if destination == "done" else "move"
         target = self.config.folder(destination)
-        paths = [self.folder / name for name in names.values()]
+        changed: list[str] = []
         try:
             if destination != "done":
-                write_json(target / f"{analysis.stack_id}.error.json", document_of(analysis))
-            for path in paths:
-                if not path.exists() and not path.is_symlink():
+                document = document_of(analysis)
+                write_json(_error_path(target, analysis.stack_id, analysis.msg_id), document)
+            for name in names.values():
+                path = self.folder / name
+                now = _entry(path)
+                if now is None:
                     continue  # moved by an earlier attempt (or removed by someone else)
+                if expected and name in expected and now != expected[name]:
+                    changed.append(name)
+                    continue
                 if after == "move":
                     self.move(path, target)
                 elif after == "delete":
                     path.unlink(missing_ok=True)
         except OSError as exc:
-            return Disposal(target, error=exc)
+            return Disposal(target, error=exc, changed=changed)
         if after != "leave":
-            return Disposal(target)
+            return Disposal(target, changed=changed)
         listing = self.lister(self.folder)
-        return Disposal(target, left={name: listing[name] for name in names.values() if name in listing})
+        left = {name: listing[name] for name in names.values() if name in listing and name not in changed}
+        return Disposal(target, left=left, changed=changed)
+
+    def finish_remnant(self, name: str, outcome: str) -> Disposal:
+        """A file of a stack recorded earlier, met again: where its stack's files went, quietly."""
+        destination = DESTINATIONS[outcome]
+        after = self.config.files.after if destination == "done" else "move"
+        target = self.config.folder(destination)
+        path = self.folder / name
+        try:
+            if after == "move":
+                self.move(path, target)
+            elif after == "delete":
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            return Disposal(target, error=exc)
+        if after == "leave":
+            entry = _entry(path)
+            return Disposal(target, left={} if entry is None else {name: entry})
+        return Disposal(target)
+
+
+def _entry(path: Path) -> Entry | None:
+    """How a file looks now (never following a link), as the folder listing sees it."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    return Entry(info.st_size, info.st_mtime_ns, path.is_symlink())
+
+
+def _error_path(folder: Path, stack_id: str, msg_id: str) -> Path:
+    """`<id>.error.json`, or the next free `<id>.error.N.json` when a different error holds it
+    (the same error written again by a retried move keeps its file)."""
+    for n in range(0, 1000):
+        path = folder / (f"{stack_id}.error.json" if n == 0 else f"{stack_id}.error.{n}.json")
+        try:
+            held = json.loads(path.read_text()).get("msg_id")
+        except FileNotFoundError:
+            return path
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable or not ours: leave it alone
+        if held == msg_id:
+            return path
+    return folder / f"{stack_id}.error.{os.getpid()}.json"

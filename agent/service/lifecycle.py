@@ -4,7 +4,9 @@
       \\________________/^
 
 - SEEN: some of its channel files are in the folder, not all written yet.
-- COMPLETE: the tracker says all four are written; it waits for the models.
+- COMPLETE: the tracker says all four are written; it waits for the models. An analysis
+  that failed for a reason outside the stack (out of memory, a runtime failing) leaves it
+  COMPLETE with a time to try again (`deferred`).
 - ANALYSED: it has a result or an error (a SEEN stack that stays incomplete too long goes
   straight here as `quarantined`; a file whose name cannot be a stack id as `failed`).
 - RECORDED: its ledger and outbox rows are committed; from here on it is never analysed
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from agent.model.pipeline import Analysis
@@ -65,6 +67,7 @@ class StackLife:
     phase: Phase
     since: float  # when it entered the book
     complete_at: float | None = None
+    entries: dict[str, Entry] = field(default_factory=dict)  # how its files looked when taken for analysis
     analysis: Analysis | None = None
     duplicate: bool = False  # the ledger already held this exact content
     retry_at: float | None = None  # RECORDED after a failed disposal: not before this time
@@ -119,18 +122,22 @@ class StackBook:
             elif life.phase == Phase.SEEN:
                 self._move(life, Phase.COMPLETE)
                 life.names, life.complete_at = dict(names), now
-            elif life.phase == Phase.COMPLETE:
-                life.names = dict(names)
+            elif life.phase == Phase.COMPLETE and life.names != dict(names):
+                life.names, life.retry_at = dict(names), None  # other files: a fresh start
         listed = look.pending.keys() | look.ready.keys() | look.overdue.keys()
         for life in list(self.lives.values()):
             if life.phase in (Phase.SEEN, Phase.COMPLETE) and life.stack_id not in listed:
                 self._leave(life)
 
     # What is due ------------------------------------------------------------------------
-    def ready(self, limit: int) -> list[StackLife]:
-        """COMPLETE stacks, in stack-id order, at most `limit` (one batch)."""
+    def ready(self, limit: int, now: float) -> list[StackLife]:
+        """COMPLETE stacks not deferred past `now`, in stack-id order, at most `limit` (one batch)."""
         complete = sorted(
-            (life for life in self.lives.values() if life.phase == Phase.COMPLETE),
+            (
+                life
+                for life in self.lives.values()
+                if life.phase == Phase.COMPLETE and (life.retry_at is None or now >= life.retry_at)
+            ),
             key=lambda life: life.stack_id,
         )
         return complete[:limit]
@@ -152,7 +159,7 @@ class StackBook:
         return life is None or life.phase in (Phase.SEEN, Phase.COMPLETE)
 
     def next_retry(self) -> float | None:
-        """When the earliest failed disposal is due again, if any."""
+        """When the earliest deferred analysis or failed disposal is due again, if any."""
         times = [life.retry_at for life in self.lives.values() if life.retry_at is not None]
         return min(times) if times else None
 
@@ -171,7 +178,14 @@ class StackBook:
         else:
             self._move(life, Phase.ANALYSED)
             life.names = dict(names)
-        life.analysis = analysis
+        life.analysis, life.retry_at = analysis, None
+
+    def deferred(self, stack_id: str, retry_at: float) -> None:
+        """Its analysis failed for a reason outside the stack: it stays COMPLETE until `retry_at`."""
+        life = self._get(stack_id)
+        if life.phase != Phase.COMPLETE:
+            raise TransitionError(f"stack {stack_id!r} is {life.phase}, not complete")
+        life.retry_at = retry_at
 
     def recorded(self, stack_id: str, duplicate: bool = False) -> None:
         life = self._get(stack_id)

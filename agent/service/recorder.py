@@ -2,8 +2,13 @@
 
 A stack's files leave the folder only after this commit, so a crash at any point either
 redoes a stack or finds it in the ledger (see `state`). The ledger also recognises a stack
-it answered before (same id, same file contents): that one is disposed of again, and its
-message, already in the outbox or delivered, is not written twice.
+it answered with a result before (same id, same file contents): that one is disposed of
+again, and its message, already in the outbox or delivered, is not written twice.
+
+An error is not a final verdict on the bytes: the same stack dropped again after a failure
+(a limit since raised, a new bundle, a file that was still being copied) is analysed again,
+and its new answer recorded. Each file is recorded by name and sha256 too, so its remnants
+are recognised later (`state.Ledger.recorded_file`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ def record_of(analysis: Analysis) -> Record:
     else:
         kinds = ("results",)
     sent = tuple(Message(kind, analysis.msg_id, payload) for kind in kinds)
-    return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, sent)
+    files = {entry["name"]: entry["sha256"] for entry in analysis.document.get("files", {}).values()}
+    return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, sent, files)
 
 
 class Recorder:
@@ -35,8 +41,8 @@ class Recorder:
         self.ledger = ledger
 
     def known(self, analysis: Analysis) -> bool:
-        """The ledger already holds this exact stack content."""
-        return self.ledger.outcome(analysis.stack_id, analysis.files_sha256) is not None
+        """The ledger already holds a result for this exact stack content."""
+        return self.ledger.outcome(analysis.stack_id, analysis.files_sha256) == "result"
 
     def commit(self, analyses: Sequence[Analysis]) -> None:
         """Record the new analyses together, or nothing (StateError)."""

@@ -30,6 +30,7 @@ class Stats:
         self.started_at = clock()
         self.counts = {"processed": 0, "failed": 0, "quarantined": 0, "duplicates": 0}
         self.waiting = 0
+        self.degraded: str | None = None  # why no stacks are taken for now; None when working
         self._compute_ms: deque[float] = deque(maxlen=KEEP)
         self._delivery_ms: deque[float] = deque(maxlen=KEEP)
         self._lock = threading.Lock()
@@ -55,7 +56,8 @@ class Stats:
     def status_line(self, connected: bool) -> str:
         """One line for `systemctl status`."""
         c = self.counts
-        return (
+        degraded = f"DEGRADED: {self.degraded}; " if self.degraded else ""
+        return degraded + (
             f"processed {c['processed']}, failed {c['failed']}, quarantined {c['quarantined']}, "
             f"waiting {self.waiting}; MQTT {'connected' if connected else 'not connected'}"
         )
@@ -82,6 +84,7 @@ class Stats:
             "latency_max_ms": percentile(compute, 100),
             "delivery_p50_ms": percentile(delivery, 50),
             "delivery_p95_ms": percentile(delivery, 95),
+            "degraded": self.degraded,
             "purpose": self.purpose,
         }
 

@@ -110,6 +110,11 @@ class Tracker:
                 result.pending[stack_id] = channels
         return result
 
+    def written(self, name: str, now: float) -> bool:
+        """This listed file counts as completely written (see the module's docstring)."""
+        state = self.files.get(name)
+        return state is not None and self._written(state, now)
+
     def forget(self, names: Iterable[str]) -> None:
         """Drop files the caller has dealt with (moved, deleted, or left in place on purpose)."""
         for name in names:

@@ -41,6 +41,7 @@ class Watcher:
     def __init__(self, folder: Path, mode: str) -> None:
         self.folder = Path(folder)
         self.mode = mode
+        self._wanted = mode
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._events: list[tuple[str, str, float]] = []
@@ -98,6 +99,14 @@ class Watcher:
         with self._lock:
             events, self._events = self._events, []
         return events
+
+    def rearm(self) -> str:
+        """The folder was deleted and made again: an inotify watch dies with the old folder, so
+        watch the new one (in polling mode there is nothing to do)."""
+        self.stop()
+        if self.mode == "polling" and self._observer is None and self._wanted == "inotify":
+            self.mode = "inotify"  # a fallback caused by the missing folder is undone
+        return self.start()
 
     def stop(self) -> None:
         if self._observer is not None:
