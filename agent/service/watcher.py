@@ -73,6 +73,8 @@ class Watcher:
 
     def _on_event(self, event: Any) -> None:
         if event.is_directory:
+            if Path(os.fsdecode(event.src_path)) == self.folder:
+                self.wake.set()  # the folder itself went away (or moved): look now, the watch is dead
             return
         kind = type(event).__name__
         now = time.monotonic()
