@@ -28,7 +28,7 @@ from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 
 ENV_PREFIX = "HPA_EDGE_"
 # Variables with this prefix that are not configuration keys.
-ENV_RESERVED = frozenset({"HPA_EDGE_CONFIG"})
+ENV_RESERVED = frozenset({"HPA_EDGE_CONFIG", "HPA_EDGE_CRASH_AT"})  # not settings: see crashpoint.py
 _TOPIC_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
