@@ -656,7 +656,6 @@ class Agent:
                 )
                 self.book.dispose_failed(life.stack_id, now + self.move_retry)
                 continue
-            crashpoint.reach("after_move")
             self.tracker.forget(life.names.values())
             if self.remnants is not None:
                 self.remnants.forget(life.names.values())

@@ -4,7 +4,9 @@
 first) it reaches `<point>`. Unset, `reach` is one dictionary lookup. The crash-point test
 (tests/test_crashpoints.py) kills the agent at every step of a stack's path and checks
 that after a restart each stack has exactly one answer and every file is where it belongs.
-Points: `after_decode`, `after_commit`, `after_move`, `after_publish` (sent, not yet acknowledged).
+Points: `after_decode` (a stack decoded, nothing recorded), `after_commit` (recorded, no file
+moved), `after_move` (after each file moved: `after_move:2` dies between the second and the
+third), `after_publish` (a message sent, its acknowledgement not yet written).
 """
 
 from __future__ import annotations

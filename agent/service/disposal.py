@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.model.pipeline import Analysis
+from agent.service import crashpoint
 from agent.service.config import Config
 from agent.service.files import move_file, write_json
 from agent.service.tracker import Entry
@@ -96,6 +97,7 @@ class Disposer:
                     self.move(path, target)
                 elif after == "delete":
                     path.unlink(missing_ok=True)
+                crashpoint.reach("after_move")
         except OSError as exc:
             return Disposal(target, error=exc, changed=changed)
         if after != "leave":
