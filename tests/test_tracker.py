@@ -179,3 +179,26 @@ def test_a_written_file_with_an_unusable_id_is_reported_once_settled() -> None:
     files = {"bad\x07id_red.png": Entry(10, 1)}
     assert not t.look(files, 0.0).unsafe
     assert t.look(files, SETTLE).unsafe == {"bad\x07id_red.png": "red"}
+
+
+def test_the_next_look_is_due_when_a_renamed_in_file_has_been_quiet_long_enough() -> None:
+    """The loop sleeps until then, not a whole poll interval (rename-in latency)."""
+    t, files = tracker(), listing()
+    for name in files:
+        t.note(name, "created", 10.0)
+    assert t.look(files, 10.05).ready == {}
+    assert t.next_due(10.05) == pytest.approx(10.0 + RENAME_QUIET)
+    assert list(t.look(files, 10.0 + RENAME_QUIET + 1e-6).ready) == ["s"]
+
+
+def test_the_next_look_is_due_when_a_quiet_file_has_settled() -> None:
+    t, files = tracker(), listing()
+    t.look(files, 5.0)
+    assert t.next_due(5.0) == pytest.approx(5.0 + SETTLE)
+
+
+def test_nothing_is_due_when_every_file_is_written() -> None:
+    t, files = tracker(), listing()
+    close_all(t, files, 0.0)
+    t.look(files, 0.0)
+    assert t.next_due(0.0) is None

@@ -310,9 +310,11 @@ class Agent:
             # Every look is a full listing; events only bring the next one forward.
             polling = self.watcher.mode == "polling" or self.book.waiting or self._folder_lost
             wait = self.config.watch.poll_interval if polling else self.config.watch.rescan_interval
-            retry = self.book.next_retry()  # a failed move is tried again on time, not at the next rescan
-            if retry is not None:
-                wait = min(wait, max(retry - self.clock(), 0.0))
+            # A deferred stack or a failed move is tried again on time, not at the next rescan; a
+            # file renamed in counts as written once its quiet time is over, not a poll later.
+            for due in (self.book.next_retry(), self.tracker.next_due(self.clock())):
+                if due is not None:
+                    wait = min(wait, max(due - self.clock(), 0.0))
             self.watcher.wake.wait(min(wait, longest))
             self.watcher.wake.clear()
             if self.drainer is not None and self.drainer.failure is not None:

@@ -110,6 +110,20 @@ class Tracker:
                 result.pending[stack_id] = channels
         return result
 
+    def next_due(self, now: float) -> float | None:
+        """The earliest time a file not yet written will count as written if nothing else
+        happens (a rename's quiet time or a settle time running out): the loop looks again
+        then instead of sleeping a whole poll interval. None when no file is waiting."""
+        times = []
+        for state in self.files.values():
+            if self._written(state, now):
+                continue
+            if state.created_at is not None and state.size > 0 and not state.writing:
+                times.append(state.created_at + RENAME_QUIET)
+            factor = STALE_WRITE_FACTOR if state.writing else 1.0
+            times.append(state.since + self.settle * factor)
+        return min(times) if times else None
+
     def written(self, name: str, now: float) -> bool:
         """This listed file counts as completely written (see the module's docstring)."""
         state = self.files.get(name)
