@@ -3,7 +3,10 @@
 It owns what must not depend on the sink: the outbox connection (rows in the order they were
 written), at most `max_inflight` rows unanswered at once, what an answer does to a row
 (ACCEPTED: deleted; REJECTED: marked and kept for the operator, never re-sent, so an ACL
-mistake cannot become a retry storm; RETRY: left pending), backing off while the sink is
+mistake cannot become a retry storm; RETRY: left pending and sent again after `retry_seconds`,
+doubling each time, at most `retry_limit` times, then REJECTED with the last reason, so a
+broker that never stops saying "not now" cannot keep a row, or the queue behind it, for
+ever; the count lives in memory, a restart starts it again), backing off while the sink is
 unavailable (doubling from `reconnect_min` to `reconnect_max` s, with jitter), the periodic
 stats message, and on shutdown delivering what it can within `flush_seconds`. The sink
 (`agent.service.sinks`) only connects, sends and reports answers; everything the sink does
@@ -50,7 +53,8 @@ class DrainSettings:
     reconnect_max: float = 60.0
     stats_interval: float = 60.0  # 0 = no stats messages
     flush_seconds: float = 5.0
-    retry_seconds: float = 5.0  # a row answered RETRY waits this long before it is sent again
+    retry_seconds: float = 5.0  # a row answered RETRY waits this long before it is sent again, doubling
+    retry_limit: int = 5  # re-sends of a row answered RETRY; still refused after them: REJECTED
     outbox_retry: float = 1.0  # pause before the database is tried again after an error
 
 
@@ -127,6 +131,7 @@ class Drainer(threading.Thread):
         self._connected_once = False
         self._more = True
         self._resting: dict[int, float] = {}  # seq -> when a row answered RETRY may go again
+        self._retries: dict[int, int] = {}  # seq -> RETRY answers so far
         self._unwritten: dict[int, Answer] = {}  # seq -> an answer not yet in the outbox
         self._reading = _Trouble("outbox_unreadable", "read", settings.outbox_retry)
         self._writing = _Trouble("outbox_write_failed", "write", settings.outbox_retry)
@@ -267,25 +272,35 @@ class Drainer(threading.Thread):
         if row is None:
             return  # not an outbox row (status, latest) or from a connection since dropped
         self._more = True
-        if answer.verdict == Verdict.ACCEPTED:
-            self._unwritten[row.seq] = answer
+        verdict, reason = answer.verdict, answer.reason
+        if verdict == Verdict.RETRY:
+            attempts = self._retries.get(row.seq, 0) + 1
+            if attempts <= self.settings.retry_limit:
+                self._retries[row.seq] = attempts
+                pause = min(self.settings.retry_seconds * 2 ** (attempts - 1), self._longest_rest)
+                self._resting[row.seq] = time.monotonic() + pause
+                log.event(
+                    f"{self.kind}_deferred",
+                    "warning",
+                    kind=row.kind,
+                    msg_id=row.msg_id,
+                    reason=reason,
+                    retry_s=round(pause, 2),
+                    attempt=attempts,
+                )
+                return
+            verdict, reason = Verdict.REJECTED, f"{reason}, still after {attempts} attempts"
+        self._retries.pop(row.seq, None)
+        self._unwritten[row.seq] = Answer(answer.token, verdict, reason)
+        if verdict == Verdict.ACCEPTED:
             if self.on_delivered is not None:  # delivered now, whenever the delete gets written
                 self.on_delivered(row.msg_id, time.monotonic())
-        elif answer.verdict == Verdict.REJECTED:
-            self._unwritten[row.seq] = answer
-            log.event(
-                f"{self.kind}_rejected", "error", kind=row.kind, msg_id=row.msg_id, reason=answer.reason
-            )
         else:
-            self._resting[row.seq] = time.monotonic() + self.settings.retry_seconds
-            log.event(
-                f"{self.kind}_deferred",
-                "warning",
-                kind=row.kind,
-                msg_id=row.msg_id,
-                reason=answer.reason,
-                retry_s=self.settings.retry_seconds,
-            )
+            log.event(f"{self.kind}_rejected", "error", kind=row.kind, msg_id=row.msg_id, reason=reason)
+
+    @property
+    def _longest_rest(self) -> float:
+        return max(self.settings.retry_seconds, self.settings.reconnect_max)
 
     def _write_answers(self, last: bool = False) -> None:
         """Put the answers in the outbox, oldest first; on an error keep them for the next try."""

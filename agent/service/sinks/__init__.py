@@ -6,7 +6,8 @@ accepted and keeping a rejected one for the operator. A sink only connects, send
 and reports the far end's answer for it:
 - ACCEPTED: delivered; the row is deleted;
 - REJECTED: refused for good (e.g. not authorised); the row is kept, marked, never re-sent;
-- RETRY: refused for now (e.g. a quota); the row stays pending and is sent again later.
+- RETRY: refused for now (e.g. a quota); the row stays pending and is sent again after a
+  growing pause; after `retry_limit` re-sends still refused, it counts as REJECTED.
 A second sink (a database, a web hook) is a new module here; the drainer does not change.
 """
 

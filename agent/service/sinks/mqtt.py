@@ -7,9 +7,13 @@ memory; the outbox on disk is the only backlog). After each connect it publishes
 accepts a result, the same payload goes to `latest` (retained), so `latest` only ever shows
 results the broker took.
 
-Answers: a success PUBACK is ACCEPTED. Under MQTT 5 a failure reason code is REJECTED, except
-the codes that describe a passing condition (quota exceeded, packet id in use), which are
-RETRY. A 3.1.1 broker acknowledges refused messages as if delivered: nothing to report.
+Answers: a success PUBACK is ACCEPTED. Under MQTT 5 a failure reason code is REJECTED (not
+authorized, topic name invalid, payload format invalid, and every code not known to pass),
+except the codes that describe a passing condition of the broker, which are RETRY: the
+drainer sends the row again after a growing pause, a bounded number of times, then rejects it
+with the last reason. Unknown failure codes count as permanent because a wrong guess the other
+way re-sends a refused message for ever. A 3.1.1 broker acknowledges refused messages as if
+delivered: nothing to report.
 """
 
 from __future__ import annotations
@@ -24,7 +28,21 @@ from agent.service.outbox import Row
 from agent.service.sinks import Answer, SinkUnavailableError, Verdict
 
 # MQTT 5 PUBACK reason codes that say "not now" rather than "never".
-TRANSIENT_CODES = frozenset({0x91, 0x97})  # packet identifier in use, quota exceeded
+TRANSIENT_CODES = frozenset(
+    {
+        0x80,  # unspecified error: the broker did not say why (an overloaded broker, a plugin's hiccup)
+        0x83,  # implementation specific error: the same, from the broker's own code
+        0x91,  # packet identifier in use: a clash on the link, gone once the old one is acknowledged
+        0x97,  # quota exceeded: the broker's rate or size quota, which refills
+    }
+)
+
+
+def verdict_of(code: int) -> Verdict:
+    """What an MQTT 5 PUBACK reason code means for the row it answers."""
+    if code < 0x80:
+        return Verdict.ACCEPTED  # 0x00 success, 0x10 no matching subscribers: the broker took it
+    return Verdict.RETRY if code in TRANSIENT_CODES else Verdict.REJECTED
 
 
 class MqttSink:
@@ -105,9 +123,9 @@ class MqttSink:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         payload = self._results.pop(mid, None)
-        if reason.is_failure:
-            verdict = Verdict.RETRY if reason.value in TRANSIENT_CODES else Verdict.REJECTED
-            self._answers.append(Answer(mid, verdict, str(reason)))
+        verdict = verdict_of(reason.value)
+        if verdict != Verdict.ACCEPTED:
+            self._answers.append(Answer(mid, verdict, f"{reason} ({reason.value})"))
             return
         self._answers.append(Answer(mid, Verdict.ACCEPTED))
         if payload is not None:  # latest = the newest result the broker accepted
