@@ -66,6 +66,11 @@ COMMANDS: dict[str, Command] = {
     "run": Command(
         "agent.service.run", "the agent service: watch a folder, classify stacks, publish over MQTT", "agent"
     ),
+    "outbox": Command(
+        "agent.tools.outbox",
+        "list the agent's unsent and rejected messages; send them again or drop them",
+        "core",
+    ),
     "train": Command(
         "export.training.train", "fit the 28 location classifiers on embeddings and evaluate them", "export"
     ),

@@ -21,7 +21,9 @@ memory stays bounded by `max_inflight`. Each of these logs once when it starts f
 not once per row or per turn. Should the agent stop before a write succeeds, the row is sent
 again after the restart, which consumers de-duplicate by `msg_id`.
 
-Other threads only `kick()` it (new rows are in the outbox) and read its counters. It tells
+Other threads only `kick()` it (new rows are in the outbox) and read its counters; another
+process (`hpa-edge outbox retry`) may put rejected rows back to pending, which the drainer
+finds within `rescan_seconds`. It tells
 the outside world two things through callbacks given at construction: `on_delivered(msg_id,
 at)` when a row was accepted, and `stats(pending, rejected, inflight, connected)`, which
 returns the stats document to send.
@@ -56,6 +58,7 @@ class DrainSettings:
     retry_seconds: float = 5.0  # a row answered RETRY waits this long before it is sent again, doubling
     retry_limit: int = 5  # re-sends of a row answered RETRY; still refused after them: REJECTED
     outbox_retry: float = 1.0  # pause before the database is tried again after an error
+    rescan_seconds: float = 5.0  # look for pending rows this often unkicked (`hpa-edge outbox retry`)
 
 
 StatsSource = Callable[[dict[str, int], int, bool], dict[str, Any]]
@@ -136,6 +139,7 @@ class Drainer(threading.Thread):
         self._reading = _Trouble("outbox_unreadable", "read", settings.outbox_retry)
         self._writing = _Trouble("outbox_write_failed", "write", settings.outbox_retry)
         self._next_stats = time.monotonic() + settings.stats_interval
+        self._next_rescan = 0.0
 
     @property
     def connected(self) -> bool:
@@ -236,6 +240,9 @@ class Drainer(threading.Thread):
             return
         if self._kick.is_set():
             self._kick.clear()
+            self._more = True
+        if time.monotonic() >= self._next_rescan:  # another process may have put rows back
+            self._next_rescan = time.monotonic() + self.settings.rescan_seconds
             self._more = True
         if self._more and len(self.inflight) < self.settings.max_inflight:
             self._fill()
