@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from agent.stacks import image
 from agent.stacks.errors import StackError
-from agent.stacks.image import Limits, read_channel
+from agent.stacks.image import Limits, open_channel, read_channel
 from tests.conftest import REPO
 from tests.helpers import write_png
 
@@ -35,8 +37,6 @@ def test_reads_8_bit_png_with_its_sha256(tmp_path: Path) -> None:
     channel = read_channel(path)
     assert channel.pixels.dtype == np.uint8
     np.testing.assert_array_equal(channel.pixels, pixels)
-    import hashlib
-
     assert channel.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -218,3 +218,76 @@ def test_cv2_is_silenced_for_corrupt_files(tmp_path: Path) -> None:
     assert result.stdout.strip() == "corrupt"
     assert "WARN" not in result.stderr
     assert "ERROR" not in result.stderr
+
+
+# ---------------------------------------------------------------- how the bytes are read
+
+
+def _samples(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(8)
+    gray8 = rng.integers(0, 256, (33, 47)).astype(np.uint8)
+    gray16 = rng.integers(0, 4096, (47, 33)).astype(np.uint16)
+    paths = [write_png(tmp_path / "g8.png", gray8), write_png(tmp_path / "g16.png", gray16)]
+    paths.append(write_png(tmp_path / "rgb.png", np.dstack([gray8, gray8, gray8])))
+    tifffile.imwrite(tmp_path / "g16.tif", gray16, photometric="minisblack")
+    assert cv2.imwrite(str(tmp_path / "lzw.tif"), gray16)
+    return [*paths, tmp_path / "g16.tif", tmp_path / "lzw.tif"]
+
+
+@pytest.mark.parametrize(("from_fd", "into"), [(True, True), (True, False), (False, True)])
+def test_every_way_of_decoding_gives_the_same_pixels_and_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_fd: bool, into: bool
+) -> None:
+    """From the open file (Linux), into numpy's array or not (OpenCV < 4.10), or from the
+    bytes in memory (no /proc): one result, the hash of the bytes on disk."""
+    for path in _samples(tmp_path):
+        expected = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert expected is not None
+        if expected.ndim == 3:
+            expected = expected[..., 0]
+        monkeypatch.setattr(image, "DECODE_FROM_FD", from_fd)
+        monkeypatch.setattr(image, "DECODE_INTO", into)
+        channel = read_channel(path)
+        np.testing.assert_array_equal(channel.pixels, expected)
+        assert channel.pixels.flags.c_contiguous
+        assert channel.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_that_changes_while_it_is_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_png(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+    decode = image._decode_file
+
+    def rewritten_meanwhile(name: str, header: image.Header) -> np.ndarray | None:
+        pixels = decode(name, header)
+        with path.open("ab") as handle:  # a writer appends while the agent decodes
+            handle.write(b"more")
+        return pixels
+
+    monkeypatch.setattr(image, "_decode_file", rewritten_meanwhile)
+    monkeypatch.setattr(image, "DECODE_FROM_FD", True)
+    assert _error(path).code == "changed"
+
+
+def test_colour_planes_count_against_the_pixel_limit(tmp_path: Path) -> None:
+    """Grayscale saved as RGB decodes three planes: it costs, and counts, three times the pixels."""
+    gray = np.zeros((100, 100), np.uint8)
+    path = write_png(tmp_path / "rgb.png", np.dstack([gray, gray, gray]))
+    assert read_channel(path, Limits(max_pixels=30_000)).pixels.shape == (100, 100)
+    err = _error(path, Limits(max_pixels=29_999))
+    assert err.code == "too_large"
+    assert "3 colour planes" in err.message
+
+
+def test_the_decode_cost_is_known_from_the_header(tmp_path: Path) -> None:
+    """Before a pixel is decoded: at least the decoded array, more for a TIFF (its strip buffer)."""
+    pixels = np.zeros((300, 200), np.uint16)
+    png = write_png(tmp_path / "a.png", pixels)
+    tif = tmp_path / "a.tif"
+    tifffile.imwrite(tif, pixels, photometric="minisblack")
+    with open_channel(png) as a, open_channel(tif) as b:
+        assert a.header.decoded_bytes == b.header.decoded_bytes == 300 * 200 * 2
+        assert a.decode_cost() >= a.header.decoded_bytes
+        assert b.decode_cost() >= 2 * b.header.decoded_bytes
+        assert a.read().pixels.shape == (300, 200)

@@ -1,23 +1,37 @@
 """Decode one channel file (PNG or TIFF) into a 2-D uint8 or uint16 array, or say why not.
 
 The header is read before any pixel is decoded so that a decompression bomb, a multi-page
-TIFF or a colour image is refused cheaply and with a specific reason. The bytes are read
-once: the same bytes are hashed and decoded, so the hash always describes what was analysed.
+TIFF or a colour image is refused cheaply and with a specific reason. The file is opened
+once: its header, its sha256 and its pixels all come from that one open file, and a file
+that changes while it is read (size or times) is refused, so the hash always describes what
+was analysed.
+
+Memory: only the decoded pixels are held, never the file's bytes. On Linux OpenCV decodes
+the open file itself (through /proc/self/fd) into an array numpy owns, so a channel costs its
+decoded size once (OpenCV >= 4.10; older versions make one more copy on the way to numpy);
+elsewhere the bytes are read once, hashed and decoded from memory as before. `decode_cost`
+says how much a channel may take, for `agent.stacks.budget`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 
 from agent.stacks.errors import StackError
 
-# A 16-bit 6000 x 6000 channel is 72 MB; four of them is the most a small board should hold.
+# Decoded samples per channel file (width x height x colour planes): a 16-bit 6000 x 6000
+# channel is 72 MB. Channels are decoded one at a time, so this bounds one channel's memory.
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 16_384
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -32,6 +46,19 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_LE, _TIFF_BE = b"II*\x00", b"MM\x00*"
 _BIGTIFF_LE, _BIGTIFF_BE = b"II+\x00", b"MM\x00+"
 _TIFF_TAGS = (256, 257, 258, 277)  # width, length, bits per sample, samples per pixel
+_CHUNK = 1 << 20  # bytes hashed at a time
+
+
+def _opencv_version() -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", cv2.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+# OpenCV >= 4.10 decodes into an array given to imread (4.9's version of it could leave the
+# array untouched), so the pixels are not copied from OpenCV's memory into numpy's.
+DECODE_INTO = _opencv_version() >= (4, 10)
+# Decode the open file through its descriptor (Linux), instead of from its bytes in memory.
+DECODE_FROM_FD = os.path.isdir("/proc/self/fd")
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,16 @@ class Header:
     samples: int  # samples per pixel (1 = grayscale)
     pages: int  # 1 for PNG; TIFF: 1, or 2 meaning "more than one"
 
+    @property
+    def planes(self) -> int:
+        """Planes OpenCV decodes: 1 for grayscale; 3 for RGB or a palette, 4 with alpha."""
+        return 1 if self.samples <= 1 else 3 if self.samples == 3 else 4
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The size of the decoded array, colour planes included."""
+        return self.width * self.height * self.planes * (2 if self.bits == 16 else 1)
+
 
 @dataclass(frozen=True)
 class Channel:
@@ -60,19 +97,96 @@ class Channel:
     header: Header
 
 
+class ChannelFile:
+    """One channel file, open and its header checked; `read` hashes and decodes it.
+
+    Made by `open_channel`; the size is known before any pixel is decoded (`header`,
+    `decode_cost`), so a caller can wait for memory before `read`.
+    """
+
+    def __init__(self, path: Path, handle: BinaryIO, stat: os.stat_result, header: Header) -> None:
+        self.path = path
+        self.header = header
+        self.size = stat.st_size
+        self._handle = handle
+        self._identity = _identity(stat)
+
+    def decode_cost(self) -> int:
+        """Bytes `read` may hold at its peak (an upper bound, from the header).
+
+        The decoded array; once more for a TIFF decoder's strip buffer (at worst one strip
+        for the whole image), for the copy into numpy when OpenCV cannot decode into it, and
+        for a decode from the bytes in memory, which are held too; the gray plane copied out
+        of a colour-encoded file and the comparison of its planes.
+        """
+        header = self.header
+        decoded = header.decoded_bytes
+        cost = decoded
+        if header.format == "tiff":
+            cost += decoded
+        if not (DECODE_INTO and DECODE_FROM_FD):
+            cost += decoded
+        if not DECODE_FROM_FD:
+            cost += self.size
+        if header.planes > 1:
+            cost += decoded // header.planes + header.width * header.height
+        return cost
+
+    def read(self) -> Channel:
+        """Hash and decode the file; refuse it if it changed meanwhile."""
+        handle, path = self._handle, self.path
+        handle.seek(0)
+        digest = hashlib.sha256()
+        data = b""
+        if DECODE_FROM_FD:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+        else:
+            data = handle.read(self.size + 1)
+            digest.update(data)
+        try:
+            if DECODE_FROM_FD:
+                pixels = _decode_file(f"/proc/self/fd/{handle.fileno()}", self.header)
+            else:
+                pixels = _decode_bytes(data, self.header)
+        except cv2.error as exc:
+            raise StackError("corrupt", f"image cannot be decoded: {exc.msg.strip()}", path) from None
+        del data
+        if _identity(os.fstat(handle.fileno())) != self._identity:
+            raise StackError(
+                "changed", "file changed while it was read (still being written?); not analysed", path
+            )
+        pixels = _checked(pixels, self.header, path)
+        return Channel(pixels=pixels, sha256=digest.hexdigest(), header=self.header)
+
+
+@contextmanager
+def open_channel(path: Path, limits: Limits = Limits()) -> Iterator[ChannelFile]:
+    """Open one channel file and check its size and header, without decoding it."""
+    handle = _open(Path(path))
+    try:
+        stat = os.fstat(handle.fileno())
+        size = stat.st_size
+        if size == 0:
+            raise StackError("empty_file", "file is empty (0 bytes)", path)
+        if size > limits.max_bytes:
+            raise StackError("too_large", f"file is larger than {limits.max_bytes} bytes", path)
+        header = _read_header(_FileView(handle, size), Path(path))
+        _check_header(header, Path(path), limits)
+        yield ChannelFile(Path(path), handle, stat, header)
+    finally:
+        handle.close()
+
+
 def read_channel(path: Path, limits: Limits = Limits()) -> Channel:
     """Read, hash, check and decode one channel file."""
-    data = _read_bytes(path, limits)
-    header = read_header(data, path)
-    _check_header(header, path, limits)
-    pixels = _decode(data, header, path)
-    return Channel(pixels=pixels, sha256=hashlib.sha256(data).hexdigest(), header=header)
+    with open_channel(path, limits) as channel:
+        return channel.read()
 
 
-def _read_bytes(path: Path, limits: Limits) -> bytes:
+def _open(path: Path) -> BinaryIO:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(limits.max_bytes + 1)
+        handle = open(path, "rb")  # noqa: SIM115  (closed by open_channel)
     except FileNotFoundError:
         raise StackError("missing_file", "file does not exist", path) from None
     except PermissionError:
@@ -81,44 +195,73 @@ def _read_bytes(path: Path, limits: Limits) -> bytes:
         raise StackError("not_a_file", "is a directory, not an image file", path) from None
     except OSError as exc:
         raise StackError("unreadable", f"cannot be read: {exc.strerror or exc}", path) from None
-    if not data:
-        raise StackError("empty_file", "file is empty (0 bytes)", path)
-    if len(data) > limits.max_bytes:
-        raise StackError("too_large", f"file is larger than {limits.max_bytes} bytes", path)
-    return data
+    return handle
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+class _FileView:
+    """Bytes at an offset of an open file (a short read near the end, as slicing would)."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self._fd = handle.fileno()
+        self.size = size
+
+    def at(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        return os.pread(self._fd, length, offset)
+
+
+class _BytesView:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+
+    def at(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
 
 
 def read_header(data: bytes, path: Path) -> Header:
-    if data.startswith(_PNG_SIGNATURE):
-        return _png_header(data, path)
-    if data[:4] in (_TIFF_LE, _TIFF_BE):
-        return _tiff_header(data, path)
-    if data[:4] in (_BIGTIFF_LE, _BIGTIFF_BE):
+    """The header of a file whose bytes are in memory."""
+    return _read_header(_BytesView(data), path)
+
+
+def _read_header(view: _FileView | _BytesView, path: Path) -> Header:
+    start = view.at(0, 33)
+    if start.startswith(_PNG_SIGNATURE):
+        return _png_header(start, view, path)
+    if start[:4] in (_TIFF_LE, _TIFF_BE):
+        return _tiff_header(start, view, path)
+    if start[:4] in (_BIGTIFF_LE, _BIGTIFF_BE):
         raise StackError("unsupported_format", "BigTIFF is not supported; save as TIFF or PNG", path)
     raise StackError("not_an_image", "not a PNG or TIFF file (unknown signature)", path)
 
 
-def _png_header(data: bytes, path: Path) -> Header:
-    if len(data) < 33 or data[12:16] != b"IHDR":
+def _png_header(start: bytes, view: _FileView | _BytesView, path: Path) -> Header:
+    if len(start) < 33 or start[12:16] != b"IHDR":
         raise StackError("corrupt", "PNG is truncated or corrupt: no IHDR header", path)
-    width, height, bits, colour = struct.unpack(">IIBB", data[16:26])
+    width, height, bits, colour = struct.unpack(">IIBB", start[16:26])
     samples = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour)
     if samples is None:
         raise StackError("corrupt", f"PNG has an invalid colour type {colour}", path)
     # A PNG ends with an IEND chunk; without it the file was cut short (e.g. still being copied).
-    if data[-12:-4] != b"\x00\x00\x00\x00IEND":
+    if view.at(view.size - 12, 8) != b"\x00\x00\x00\x00IEND":
         raise StackError("truncated", "PNG is truncated: it does not end with an IEND chunk", path)
     return Header("png", width, height, bits, samples, 1)
 
 
-def _tiff_header(data: bytes, path: Path) -> Header:
-    order = "<" if data[:2] == b"II" else ">"
+def _tiff_header(start: bytes, view: _FileView | _BytesView, path: Path) -> Header:
+    order = "<" if start[:2] == b"II" else ">"
     try:
-        (ifd,) = struct.unpack_from(order + "I", data, 4)
-        (count,) = struct.unpack_from(order + "H", data, ifd)
+        (ifd,) = struct.unpack_from(order + "I", start, 4)
+        (count,) = struct.unpack_from(order + "H", view.at(ifd, 2))
+        entries = view.at(ifd + 2, 12 * count + 4)
         tags: dict[int, int] = {}
         for i in range(count):
-            tag, kind, n, raw = struct.unpack_from(order + "HHI4s", data, ifd + 2 + 12 * i)
+            tag, kind, n, raw = struct.unpack_from(order + "HHI4s", entries, 12 * i)
             if tag not in _TIFF_TAGS or kind not in (3, 4):  # 3 = SHORT, 4 = LONG
                 continue
             fmt = order + ("H" if kind == 3 else "I")
@@ -128,8 +271,8 @@ def _tiff_header(data: bytes, path: Path) -> Header:
                 (tags[tag],) = struct.unpack(fmt, raw[:size])
             else:
                 (offset,) = struct.unpack(order + "I", raw)
-                (tags[tag],) = struct.unpack_from(fmt, data, offset)
-        (next_ifd,) = struct.unpack_from(order + "I", data, ifd + 2 + 12 * count)
+                (tags[tag],) = struct.unpack_from(fmt, view.at(offset, size))
+        (next_ifd,) = struct.unpack_from(order + "I", entries, 12 * count)
     except struct.error:
         raise StackError("truncated", "TIFF is truncated: its directory lies beyond the end", path) from None
     if 256 not in tags or 257 not in tags:
@@ -142,11 +285,14 @@ def _check_header(header: Header, path: Path, limits: Limits) -> None:
     w, h = header.width, header.height
     if w == 0 or h == 0:
         raise StackError("corrupt", f"image has zero size ({w} x {h})", path)
-    if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
+    planes = header.planes
+    if w > limits.max_side or h > limits.max_side or w * h * planes > limits.max_pixels:
+        colour = f" in {planes} colour planes" if planes > 1 else ""
         raise StackError(
             "too_large",
-            f"image is {w} x {h} pixels, above the limit of {limits.max_pixels} pixels "
-            f"or {limits.max_side} per side (decompression-bomb guard; see limits in the config)",
+            f"image is {w} x {h} pixels{colour}, above the limit of {limits.max_pixels} pixels "
+            f"or {limits.max_side} per side (decompression-bomb and memory guard, each colour "
+            "plane counted; see limits in the config)",
             path,
         )
     if header.pages > 1:
@@ -157,12 +303,20 @@ def _check_header(header: Header, path: Path, limits: Limits) -> None:
         )
 
 
-def _decode(data: bytes, header: Header, path: Path) -> np.ndarray:
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    try:
-        pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise StackError("corrupt", f"image cannot be decoded: {exc.msg.strip()}", path) from None
+def _decode_file(name: str, header: Header) -> np.ndarray | None:
+    if not DECODE_INTO:
+        return cv2.imread(name, cv2.IMREAD_UNCHANGED)
+    # An empty array: OpenCV allocates the image through numpy's allocator (no copy), and a
+    # file it cannot decode leaves it empty (a preallocated array would come back untouched).
+    pixels = cv2.imread(name, np.empty((0, 0), np.uint8), cv2.IMREAD_UNCHANGED)
+    return None if pixels is None or pixels.size == 0 else pixels
+
+
+def _decode_bytes(data: bytes, header: Header) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _checked(pixels: np.ndarray | None, header: Header, path: Path) -> np.ndarray:
     if pixels is None:
         raise StackError("corrupt", f"{header.format.upper()} data is corrupt or truncated", path)
     if pixels.dtype not in (np.uint8, np.uint16):
