@@ -102,12 +102,20 @@ def agent_threads() -> list[str]:
     ]
 
 
-def stack_files(real_dir: Path, index: int = 0) -> dict[str, Path]:
-    """The four channel files of one real stack, by channel."""
-    folder = real_dir / "stacks"
-    ids = sorted({p.name.rsplit("_", 1)[0] for p in folder.glob("*_red.png")})
-    stack_id = ids[index]
-    return {c: folder / f"{stack_id}_{c}.png" for c in CHANNELS}
+def stack_ids(source: Path) -> list[str]:
+    """The ids of the stacks in `source`/stacks (the `stack_source` fixture's folder), sorted."""
+    return sorted({p.name.rsplit("_", 1)[0] for p in (source / "stacks").glob("*_red.png")})
+
+
+def stack_files(source: Path, index: int = 0) -> dict[str, Path]:
+    """The four channel files of one stack of `source` (the `stack_source` fixture), by channel.
+
+    The index counts round the set (101 real stacks, or 24 synthetic ones): any index gives a
+    stack, and indices that differ by less than 24 give different stacks.
+    """
+    ids = stack_ids(source)
+    stack_id = ids[index % len(ids)]
+    return {c: source / "stacks" / f"{stack_id}_{c}.png" for c in CHANNELS}
 
 
 def drop(files: Mapping[str, Path], folder: Path, stack_id: str, order: tuple[str, ...] = CHANNELS) -> None:

@@ -38,10 +38,10 @@ def results(sub: Subscriber) -> list[dict[str, Any]]:
 
 
 def test_a_dropped_stack_arrives_as_a_valid_result_and_its_files_move_to_done(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir)
+    files = stack_files(stack_source)
     with running(config, demo_bundle):
         drop(files, config.watch.folder, "s1")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
@@ -70,10 +70,10 @@ def test_a_dropped_stack_arrives_as_a_valid_result_and_its_files_move_to_done(
 
 
 def test_channels_arriving_in_any_order_slowly_give_one_result(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 1)
+    files = stack_files(stack_source, 1)
     with running(config, demo_bundle) as agent:
         for channel in ("yellow", "blue", "green"):
             shutil.copyfile(files[channel], config.watch.folder / f"late_{channel}.png")
@@ -87,10 +87,10 @@ def test_channels_arriving_in_any_order_slowly_give_one_result(
 
 
 def test_a_channel_written_slowly_in_chunks_is_read_only_once_closed(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 2)
+    files = stack_files(stack_source, 2)
     with running(config, demo_bundle):
         drop(files, config.watch.folder, "slow", order=("red", "green", "blue"))
         data = files["yellow"].read_bytes()
@@ -104,9 +104,9 @@ def test_a_channel_written_slowly_in_chunks_is_read_only_once_closed(
     assert [r["stack_id"] for r in results(subscriber)] == ["slow"]
 
 
-def test_write_then_rename_is_picked_up(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_write_then_rename_is_picked_up(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 3)
+    files = stack_files(stack_source, 3)
     outside = tmp_path / "staging"
     outside.mkdir()
     with running(config, demo_bundle):
@@ -123,27 +123,27 @@ def test_write_then_rename_is_picked_up(tmp_path, broker, subscriber, demo_bundl
 
 
 def test_stacks_already_in_the_folder_at_start_are_processed(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    drop(stack_files(real_dir, 4), config.watch.folder, "before")
+    drop(stack_files(stack_source, 4), config.watch.folder, "before")
     with running(config, demo_bundle):
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
     assert results(subscriber)[0]["stack_id"] == "before"
 
 
-def test_the_polling_observer_processes_stacks(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_the_polling_observer_processes_stacks(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port, {"watch": {"observer": "polling"}})
     with running(config, demo_bundle) as agent:
         assert agent.watcher is not None
         assert agent.watcher.mode == "polling"
-        drop(stack_files(real_dir, 5), config.watch.folder, "polled")
+        drop(stack_files(stack_source, 5), config.watch.folder, "polled")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
 
 
-def test_the_same_stack_twice_gives_one_result(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_the_same_stack_twice_gives_one_result(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 6)
+    files = stack_files(stack_source, 6)
     with running(config, demo_bundle) as agent:
         drop(files, config.watch.folder, "twice")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
@@ -156,13 +156,13 @@ def test_the_same_stack_twice_gives_one_result(tmp_path, broker, subscriber, dem
 
 
 def test_a_changed_stack_under_the_same_id_is_processed_again(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
     with running(config, demo_bundle):
-        drop(stack_files(real_dir, 7), config.watch.folder, "redo")
+        drop(stack_files(stack_source, 7), config.watch.folder, "redo")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
-        drop(stack_files(real_dir, 8), config.watch.folder, "redo")
+        drop(stack_files(stack_source, 8), config.watch.folder, "redo")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 2)
     first, second = results(subscriber)
     assert first["msg_id"] != second["msg_id"]
@@ -170,10 +170,10 @@ def test_a_changed_stack_under_the_same_id_is_processed_again(
 
 
 def test_a_corrupt_stack_goes_to_failed_with_an_error_message(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 9)
+    files = stack_files(stack_source, 9)
     with running(config, demo_bundle) as agent:
         drop(files, config.watch.folder, "bad", order=("red", "green", "blue"))
         (config.watch.folder / "bad_yellow.png").write_bytes(files["yellow"].read_bytes()[:3000])
@@ -194,11 +194,11 @@ def test_a_corrupt_stack_goes_to_failed_with_an_error_message(
 
 
 def test_an_incomplete_stack_is_quarantined_after_the_timeout(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port, {"watch": {"incomplete_timeout": 1.5}})
     with running(config, demo_bundle) as agent:
-        drop(stack_files(real_dir, 10), config.watch.folder, "three", order=("red", "green", "blue"))
+        drop(stack_files(stack_source, 10), config.watch.folder, "three", order=("red", "green", "blue"))
         assert subscriber.wait_for(lambda: len(subscriber.on("errors")) == 1)
         assert agent.stats.counts["quarantined"] == 1
     error = validate(subscriber.on("errors")[0].payload, "error")
@@ -211,13 +211,13 @@ def test_an_incomplete_stack_is_quarantined_after_the_timeout(
 
 
 def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     proxy = Proxy(broker.port)  # the agent's way to the broker: closed until started
     config = config_for(tmp_path, proxy.port)
     with running(config, demo_bundle) as agent:
         for i in range(3):
-            drop(stack_files(real_dir, 11 + i), config.watch.folder, f"wait{i}")
+            drop(stack_files(stack_source, 11 + i), config.watch.folder, f"wait{i}")
         assert subscriber.wait_for(lambda: agent.stats.counts["processed"] == 3)
         assert len(list(config.folder("done").glob("wait*"))) == 12  # files moved although the broker is down
         assert not subscriber.on("results")
@@ -232,21 +232,21 @@ def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
     assert outbox_depth(config.state.database) == {"pending": 0, "rejected": 0}
 
 
-def test_after_delete_removes_processed_files(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_after_delete_removes_processed_files(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port, {"files": {"after": "delete"}})
     with running(config, demo_bundle):
-        drop(stack_files(real_dir, 40), config.watch.folder, "gone")
+        drop(stack_files(stack_source, 40), config.watch.folder, "gone")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         assert subscriber.wait_for(lambda: not any(config.watch.folder.glob("gone_*")))
     assert not any(config.folder("done").iterdir())
 
 
 def test_after_leave_keeps_files_in_place_and_does_not_process_them_again(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port, {"files": {"after": "leave"}})
     with running(config, demo_bundle) as agent:
-        drop(stack_files(real_dir, 41), config.watch.folder, "kept")
+        drop(stack_files(stack_source, 41), config.watch.folder, "kept")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
         time.sleep(1.5)  # several looks and settle periods
         assert agent.stats.counts == {"processed": 1, "failed": 0, "quarantined": 0, "duplicates": 0}
@@ -254,10 +254,10 @@ def test_after_leave_keeps_files_in_place_and_does_not_process_them_again(
 
 
 def test_a_symlinked_channel_is_refused_and_its_target_untouched(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     config = config_for(tmp_path, broker.port)
-    files = stack_files(real_dir, 42)
+    files = stack_files(stack_source, 42)
     outside = tmp_path / "outside_yellow.png"
     shutil.copyfile(files["yellow"], outside)
     with running(config, demo_bundle):
@@ -325,12 +325,17 @@ def test_a_result_flagged_for_review_also_arrives_on_the_review_topic(
     validate(subscriber.on("review")[0].payload, "result")
 
 
-def test_an_unflagged_result_is_not_on_the_review_topic(tmp_path, broker, subscriber, demo_bundle, real_dir):
-    """Without margins or a novelty reference, a sound real stack with labels is not flagged."""
+def test_an_unflagged_result_is_not_on_the_review_topic(
+    tmp_path, broker, subscriber, demo_bundle, stack_source
+):
+    """Without margins or a novelty reference, a sound stack with labels is not flagged.
+
+    Stack 0 has labels under the demo bundle in both sources (the real set and the synthetic one).
+    """
     config = config_for(tmp_path, broker.port)
     plain = dataclasses.replace(demo_bundle, trust=Trust())  # no margins, no novelty reference
     with running(config, plain):
-        drop(stack_files(real_dir), config.watch.folder, "sure")
+        drop(stack_files(stack_source), config.watch.folder, "sure")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         time.sleep(0.5)
     (document,) = results(subscriber)

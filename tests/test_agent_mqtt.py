@@ -24,10 +24,10 @@ SCHEMA = json.loads(
 )
 
 
-def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port, {"mqtt": {"protocol": "3.1.1"}})
     with running(config, demo_bundle):
-        drop(stack_files(real_dir, 20), config.watch.folder, "old")
+        drop(stack_files(stack_source, 20), config.watch.folder, "old")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
     assert json.loads(subscriber.on("results")[0].payload)["stack_id"] == "old"
     assert outbox_depth(config.state.database)["pending"] == 0
@@ -39,7 +39,7 @@ def plain_bundle(demo_bundle: Any) -> Any:
     return dataclasses.replace(demo_bundle, trust=Trust())
 
 
-def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, plain_bundle, real_dir):
+def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, plain_bundle, stack_source):
     acl = tmp_path / "acl"
     acl.write_text(
         "topic readwrite hpa-edge/scope/status\n"
@@ -52,7 +52,7 @@ def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, 
     try:
         config = config_for(tmp_path, broker.port)
         with running(config, plain_bundle) as agent:
-            drop(stack_files(real_dir, 21), config.watch.folder, "denied")
+            drop(stack_files(stack_source, 21), config.watch.folder, "denied")
             assert subscriber.wait_for(lambda: agent.drainer is not None and agent.drainer.rejected == 1)
             time.sleep(1.0)  # long enough for a retry storm to show
             assert agent.drainer is not None
@@ -71,7 +71,7 @@ def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, 
         broker.stop()
 
 
-def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, real_dir):
+def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, stack_source):
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
         pytest.skip("mosquitto_passwd not installed")
@@ -96,7 +96,7 @@ def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, real_
             tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
         )
         with running(config, demo_bundle):
-            drop(stack_files(real_dir, 22), config.watch.folder, "authed")
+            drop(stack_files(stack_source, 22), config.watch.folder, "authed")
             deadline = time.monotonic() + 20
             while "hpa-edge/scope/results" not in got and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -108,7 +108,7 @@ def test_username_and_password_from_a_file_are_used(tmp_path, demo_bundle, real_
 
 
 def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
-    tmp_path, plain_bundle, real_dir, capsys
+    tmp_path, plain_bundle, stack_source, capsys
 ):
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
@@ -123,7 +123,7 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
             tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
         )
         with running(config, plain_bundle) as agent:
-            drop(stack_files(real_dir, 23), config.watch.folder, "kept")
+            drop(stack_files(stack_source, 23), config.watch.folder, "kept")
             time.sleep(2.5)
             assert agent.stats.counts["processed"] == 1  # the pipeline goes on; the result waits on disk
         log = capsys.readouterr().out
@@ -144,10 +144,10 @@ def test_status_is_retained_online_while_running(tmp_path, broker, demo_bundle):
         assert status.retain
 
 
-def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle, real_dir):
+def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle, stack_source):
     config = config_for(tmp_path, broker.port, {"mqtt": {"stats_interval": 0.5}})
     with running(config, demo_bundle):
-        drop(stack_files(real_dir, 24), config.watch.folder, "counted")
+        drop(stack_files(stack_source, 24), config.watch.folder, "counted")
         assert subscriber.wait_for(
             lambda: any(json.loads(m.payload)["processed"] == 1 for m in subscriber.on("stats"))
         )
@@ -159,7 +159,7 @@ def test_stats_are_published_and_valid(tmp_path, broker, subscriber, demo_bundle
     assert last["purpose"] == "demo"
 
 
-def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, real_dir):
+def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, stack_source):
     broker, tls_port, certs = tls_broker(tmp_path)
     subscriber = Subscriber(broker.port)  # on the plain listener
     try:
@@ -167,7 +167,7 @@ def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, r
                "key_file": str(certs["client.key"])}  # fmt: skip
         config = config_for(tmp_path, tls_port, {"mqtt": tls})
         with running(config, demo_bundle):
-            drop(stack_files(real_dir, 25), config.watch.folder, "secure")
+            drop(stack_files(stack_source, 25), config.watch.folder, "secure")
             assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         assert "New client connected" in broker.log.read_text()
     finally:
@@ -176,18 +176,18 @@ def test_tls_with_a_client_certificate_delivers_results(tmp_path, demo_bundle, r
 
 
 def test_a_broker_that_goes_away_and_comes_back_gets_the_backlog(
-    tmp_path, broker, subscriber, demo_bundle, real_dir
+    tmp_path, broker, subscriber, demo_bundle, stack_source
 ):
     from tests.broker import Proxy
 
     proxy = Proxy(broker.port).start()
     config = config_for(tmp_path, proxy.port)
     with running(config, demo_bundle) as agent:
-        drop(stack_files(real_dir, 26), config.watch.folder, "before")
+        drop(stack_files(stack_source, 26), config.watch.folder, "before")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         proxy.stop()  # the broker is gone for the agent
         for i in range(3):
-            drop(stack_files(real_dir, 27 + i), config.watch.folder, f"during{i}")
+            drop(stack_files(stack_source, 27 + i), config.watch.folder, f"during{i}")
         assert subscriber.wait_for(lambda: agent.stats.counts["processed"] == 4)
         assert len(subscriber.on("results")) == 1
         proxy.start()

@@ -74,11 +74,11 @@ def agent_process(config: Path) -> Iterator[tuple[subprocess.Popen[str], Lines]]
         lines.thread.join(5)
 
 
-def test_sigterm_finishes_publishes_offline_and_exits_zero(tmp_path, broker, subscriber, real_dir):
+def test_sigterm_finishes_publishes_offline_and_exits_zero(tmp_path, broker, subscriber, stack_source):
     config = write_config(tmp_path, broker.port)
     with agent_process(config) as (process, lines):
         assert lines.wait_for("agent_ready"), lines.lines
-        drop(stack_files(real_dir, 30), tmp_path / "incoming", "term")
+        drop(stack_files(stack_source, 30), tmp_path / "incoming", "term")
         assert subscriber.wait_for(lambda: len(subscriber.on("results")) == 1)
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
@@ -129,12 +129,12 @@ def test_a_bad_configuration_exits_2_before_anything_starts(tmp_path):
     assert "mqtt.protocol: 'four' is not '5' or '3.1.1'" in done.stderr
 
 
-def test_predict_prints_one_json_result_per_stack_and_errors_on_stderr(tmp_path, real_dir):
+def test_predict_prints_one_json_result_per_stack_and_errors_on_stderr(tmp_path, stack_source):
     folder = tmp_path / "stacks"
     folder.mkdir()
-    drop(stack_files(real_dir, 31), folder, "p1")
-    drop(stack_files(real_dir, 32), folder, "p2")
-    drop(stack_files(real_dir, 33), folder, "p3", order=("red", "green", "blue"))
+    drop(stack_files(stack_source, 31), folder, "p1")
+    drop(stack_files(stack_source, 32), folder, "p2")
+    drop(stack_files(stack_source, 33), folder, "p3", order=("red", "green", "blue"))
     done = subprocess.run(
         hpa_edge("predict", "--bundle", str(REPO / "models" / "demo"), str(folder)),
         cwd=REPO,
@@ -150,9 +150,9 @@ def test_predict_prints_one_json_result_per_stack_and_errors_on_stderr(tmp_path,
     assert "yellow" in errors[0]["message"]
 
 
-def test_predict_gives_the_same_scores_as_the_agent(tmp_path, broker, subscriber, real_dir):
+def test_predict_gives_the_same_scores_as_the_agent(tmp_path, broker, subscriber, stack_source):
     config = write_config(tmp_path, broker.port)
-    files = stack_files(real_dir, 34)
+    files = stack_files(stack_source, 34)
     with agent_process(config) as (process, lines):
         assert lines.wait_for("agent_ready"), lines.lines
         drop(files, tmp_path / "incoming", "same")
@@ -181,7 +181,7 @@ def test_predict_refuses_a_missing_bundle(tmp_path):
     assert "bundle folder does not exist" in done.stderr
 
 
-def test_listen_prints_results_as_a_table(tmp_path, broker, real_dir):
+def test_listen_prints_results_as_a_table(tmp_path, broker, stack_source):
     listener = subprocess.Popen(
         hpa_edge("listen", "--broker", f"127.0.0.1:{broker.port}", "--count", "1", "--seconds", "60"),
         cwd=REPO,
@@ -194,7 +194,7 @@ def test_listen_prints_results_as_a_table(tmp_path, broker, real_dir):
         config = write_config(tmp_path, broker.port)
         with agent_process(config) as (process, lines):
             assert lines.wait_for("agent_ready"), lines.lines
-            drop(stack_files(real_dir, 35), tmp_path / "incoming", "shown")
+            drop(stack_files(stack_source, 35), tmp_path / "incoming", "shown")
             out, err = listener.communicate(timeout=60)
             process.send_signal(signal.SIGTERM)
             process.wait(20)

@@ -17,9 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.stacks.labels import CHANNELS
 from agent.tools.bench_agent import link_or_copy
-from tests.agent_harness import write_config
+from tests.agent_harness import stack_files, stack_ids, write_config
 from tests.broker import Broker, Proxy
 from tests.fault_harness import AgentProcess, Consumer, check_invariants, wait_until
 
@@ -27,10 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def real_stacks(real_dir: Path) -> list[dict[str, Path]]:
-    folder = real_dir / "stacks"
-    ids = sorted({p.name.rsplit("_", 1)[0] for p in folder.glob("*_red.png")})
-    return [{c: folder / f"{sid}_{c}.png" for c in CHANNELS} for sid in ids]
+def stacks(stack_source: Path) -> list[dict[str, Path]]:
+    """Every stack of the session's source (real HPA stacks, or 24 synthetic ones), by channel."""
+    return [stack_files(stack_source, i) for i in range(len(stack_ids(stack_source)))]
 
 
 def drop(files: dict[str, Path], folder: Path, stack_id: str) -> None:
@@ -95,12 +93,12 @@ def incoming(world: dict[str, object]) -> Path:
     return tmp / "incoming"
 
 
-def test_broker_stopped_mid_burst_and_restarted(world, real_stacks):
+def test_broker_stopped_mid_burst_and_restarted(world, stacks):
     agent = start_agent(world)
     consumer, broker = consumer_of(world), world["broker"]
     assert isinstance(broker, Broker)
     ids = [f"b{i:03d}" for i in range(200)]
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     assert wait_until(lambda: len(consumer.results) >= 10)
     broker.stop()
     time.sleep(2)
@@ -109,41 +107,41 @@ def test_broker_stopped_mid_burst_and_restarted(world, real_stacks):
     assert agent.lines("mqtt_connection_lost") or agent.lines("mqtt_connect_failed")
 
 
-def test_broker_down_when_the_agent_starts(world, real_stacks):
+def test_broker_down_when_the_agent_starts(world, stacks):
     broker = world["broker"]
     assert isinstance(broker, Broker)
     proxy = Proxy(broker.port)  # the agent's only way to the broker, closed for now
     world["proxy"] = proxy
     agent = start_agent(world, port=proxy.port)
     ids = [f"d{i:02d}" for i in range(10)]
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     assert wait_until(lambda: len(list((incoming(world) / "done").glob("*"))) == 40)
     assert not consumer_of(world).results
     proxy.start()
     check_invariants(consumer_of(world), incoming(world), ids, [], 40, agent)
 
 
-def test_a_silent_connection_is_detected_by_keepalive(world, real_stacks):
+def test_a_silent_connection_is_detected_by_keepalive(world, stacks):
     broker = world["broker"]
     assert isinstance(broker, Broker)
     proxy = Proxy(broker.port).start()
     world["proxy"] = proxy
     agent = start_agent(world, port=proxy.port)
     consumer = consumer_of(world)
-    drop_many(real_stacks, incoming(world), ["s00", "s01", "s02"])
+    drop_many(stacks, incoming(world), ["s00", "s01", "s02"])
     assert wait_until(lambda: len(consumer.results) == 3)
     proxy.freeze()  # the link stays open but carries nothing, as behind a dead NAT or a cut cable
     later = [f"s{i:02d}" for i in range(3, 8)]
-    drop_many(real_stacks, incoming(world), later)
+    drop_many(stacks, incoming(world), later)
     check_invariants(consumer, incoming(world), ["s00", "s01", "s02", *later], [], 32, agent, timeout=60)
     assert agent.lines("mqtt_connection_lost"), agent.tail()
 
 
-def test_agent_killed_mid_burst_and_started_again(world, real_stacks):
+def test_agent_killed_mid_burst_and_started_again(world, stacks):
     agent = start_agent(world)
     consumer = consumer_of(world)
     ids = [f"k{i:03d}" for i in range(120)]
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     assert wait_until(lambda: len(consumer.results) >= 15)
     agent.kill()
     assert wait_until(lambda: consumer.statuses and consumer.statuses[-1][0] == b"offline", 20)  # the will
@@ -170,7 +168,7 @@ def absurd_png() -> bytes:
     return bytes(data)
 
 
-def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, real_stacks, tmp_path):
+def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, stacks, tmp_path):
     agent = start_agent(world)
     consumer = consumer_of(world)
     folder = incoming(world)
@@ -180,13 +178,16 @@ def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, real
 
     def bad_stack(name: str, channel: str, content: bytes) -> None:
         nonlocal dropped
-        files = {c: p for c, p in real_stacks[len(bad)].items() if c != channel}
+        files = {c: p for c, p in stacks[len(bad)].items() if c != channel}
         drop(files, folder, name)
         (folder / f"{name}_{channel}.png").write_bytes(content)
         bad.append(name)
         dropped += 4
 
-    red = real_stacks[0]["red"].read_bytes()
+    red = stacks[0]["red"].read_bytes()
+    pixels = cv2.imread(str(stacks[0]["red"]), cv2.IMREAD_UNCHANGED)
+    assert pixels is not None
+    shape = pixels.shape  # the good channels' shape: the bad ones below differ only as they mean to
     corrupt = bytearray(red)
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 200] = b"\x00" * 200
     bad_stack("corrupt", "red", bytes(corrupt))
@@ -194,31 +195,31 @@ def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, real
     bad_stack("zerobyte", "blue", b"")
     bad_stack("notimage", "yellow", b"this is a lab notebook, not an image\n")
     bad_stack("shapes", "red", png_bytes(np.zeros((256, 256), np.uint8)))
-    bad_stack("bitdepth", "green", png_bytes(np.zeros((512, 512), np.uint16)))
-    bad_stack("colour", "blue", png_bytes(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)))
+    bad_stack("bitdepth", "green", png_bytes(np.zeros(shape, np.uint16)))
+    bad_stack("colour", "blue", png_bytes(np.random.default_rng(0).integers(0, 255, (*shape, 3), np.uint8)))
     bad_stack("absurd", "yellow", absurd_png())
     # only three of four channels: quarantined after watch.incomplete_timeout
-    drop({c: p for c, p in real_stacks[20].items() if c != "yellow"}, folder, "three")
+    drop({c: p for c, p in stacks[20].items() if c != "yellow"}, folder, "three")
     bad.append("three")
     dropped += 3
     # a channel that is a symlink to a file outside the folder
     outside = tmp_path / "secret_red.png"
-    shutil.copyfile(real_stacks[21]["red"], outside)
-    drop({c: p for c, p in real_stacks[21].items() if c != "red"}, folder, "symlinked")
+    shutil.copyfile(stacks[21]["red"], outside)
+    drop({c: p for c, p in stacks[21].items() if c != "red"}, folder, "symlinked")
     (folder / "symlinked_red.png").symlink_to(outside)
     bad.append("symlinked")
     dropped += 4
     # names that cannot be stack ids: a control character, a backslash
     for odd in ("bell\x07_red.png", "back\\slash_green.png"):
-        shutil.copyfile(real_stacks[22]["red"], folder / odd)
+        shutil.copyfile(stacks[22]["red"], folder / odd)
         bad.append("unsafe-" + hashlib.sha256(os.fsencode(odd)).hexdigest()[:16])
         dropped += 1
 
     # and good ones, arriving in awkward ways
-    drop(real_stacks[30], folder, "plain")
+    drop(stacks[10], folder, "plain")
     good.append("plain")
-    data = real_stacks[31]["yellow"].read_bytes()
-    drop({c: p for c, p in real_stacks[31].items() if c != "yellow"}, folder, "chunked")
+    data = stacks[11]["yellow"].read_bytes()
+    drop({c: p for c, p in stacks[11].items() if c != "yellow"}, folder, "chunked")
     with open(folder / "chunked_yellow.png", "wb") as handle:  # slow chunked writes, in place
         for start in range(0, len(data), 8192):
             handle.write(data[start : start + 8192])
@@ -227,7 +228,7 @@ def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, real
     good.append("chunked")
     dropped += 8
     assert wait_until(lambda: "plain" in consumer.result_ids())
-    drop(real_stacks[30], folder, "plain")  # the same stack twice: no second result, and done/
+    drop(stacks[10], folder, "plain")  # the same stack twice: no second result, and done/
     # keeps one copy of identical bytes (a file with the same name and different bytes is kept too)
 
     check_invariants(consumer, folder, good, bad, dropped, agent)
@@ -243,15 +244,15 @@ def test_bad_inputs_each_give_one_error_and_the_good_ones_one_result(world, real
     assert codes["three"] == "incomplete"
     assert codes["symlinked"] == "symlink"
     assert [c for s, c in codes.items() if s.startswith("unsafe-")] == ["unsafe_name", "unsafe_name"]
-    assert outside.read_bytes() == real_stacks[21]["red"].read_bytes()  # the target was never touched
+    assert outside.read_bytes() == stacks[21]["red"].read_bytes()  # the target was never touched
     assert (folder / "failed" / "symlinked_red.png").is_symlink()
 
 
-def test_a_burst_of_1000_stacks_keeps_memory_bounded(world, real_stacks):
+def test_a_burst_of_1000_stacks_keeps_memory_bounded(world, stacks):
     agent = start_agent(world)
     ids = [f"m{i:04d}" for i in range(1000)]
     start = time.monotonic()
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     check_invariants(consumer_of(world), incoming(world), ids, [], 4000, agent, timeout=240)
     peak = agent.peak_rss_mb()
     print(
@@ -293,26 +294,26 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_under_the_database_loses_nothing(world, real_stacks, small_disk):
+def test_a_full_disk_under_the_database_loses_nothing(world, stacks, small_disk):
     agent = start_agent(world, state={"database": str(small_disk / "state.db")})
     consumer = consumer_of(world)
-    drop_many(real_stacks, incoming(world), ["f0"])
+    drop_many(stacks, incoming(world), ["f0"])
     assert wait_until(lambda: "f0" in consumer.result_ids())
     filler = fill(small_disk)
     ids = [f"f{i}" for i in range(1, 6)]
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     assert wait_until(lambda: agent.lines("state_write_failed"), 30), agent.tail()
     assert all((incoming(world) / f"{s}_red.png").exists() for s in ids)  # left where they were
     filler.unlink()  # space returns
     check_invariants(consumer, incoming(world), ["f0", *ids], [], 24, agent)
 
 
-def test_a_full_disk_for_the_file_moves_loses_nothing(world, real_stacks, small_disk):
+def test_a_full_disk_for_the_file_moves_loses_nothing(world, stacks, small_disk):
     agent = start_agent(world, files={"done": str(small_disk / "done")})
     consumer = consumer_of(world)
     filler = fill(small_disk)  # the agent made done/ there at start
     ids = [f"e{i}" for i in range(4)]
-    drop_many(real_stacks, incoming(world), ids)
+    drop_many(stacks, incoming(world), ids)
     assert wait_until(lambda: agent.lines("move_failed"), 30), agent.tail()
     assert wait_until(lambda: set(consumer.result_ids()) == set(ids))  # results go out meanwhile
     filler.unlink()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_harness import stack_ids
 from tests.conftest import REPO, export_args
 
 pytestmark = [
@@ -83,16 +84,16 @@ def test_the_legacy_runtime_accepts_the_demo_bundle_golden_vectors(legacy_python
     assert "runtime tflite_runtime.interpreter" in done.stdout
 
 
-def test_a_float32_bundle_gives_the_same_labels_on_the_real_stacks_as_litert(
-    legacy_python: Path, small_model: Path, synthetic_set: Path, real_dir: Path, tmp_path: Path
+def test_a_float32_bundle_gives_the_same_labels_on_every_stack_as_litert(
+    legacy_python: Path, small_model: Path, synthetic_set: Path, stack_source: Path, tmp_path: Path
 ) -> None:
     from export.conversion.make_bundle import export
 
     bundle = tmp_path / "float32"
     assert export(export_args(model=small_model, data=synthetic_set, out=bundle, quantization="float32")) == 0
-    legacy = predict(legacy_python, bundle, real_dir / "stacks")
-    current = predict(Path(sys.executable), bundle, real_dir / "stacks")
-    assert len(current) == 101
+    legacy = predict(legacy_python, bundle, stack_source / "stacks")
+    current = predict(Path(sys.executable), bundle, stack_source / "stacks")
+    assert len(current) == len(stack_ids(stack_source))
     assert legacy.keys() == current.keys()
     assert all(legacy[s]["labels"] == current[s]["labels"] for s in current)
     worst = max(
@@ -104,12 +105,12 @@ def test_a_float32_bundle_gives_the_same_labels_on_the_real_stacks_as_litert(
 
 
 def test_an_int8_bundle_stays_within_its_golden_tolerance_under_the_legacy_runtime(
-    legacy_python: Path, real_dir: Path
+    legacy_python: Path, stack_source: Path
 ) -> None:
     """Int8 kernels differ between the runtimes (see the module docstring): scores stay close."""
     manifest = json.loads((REPO / "models" / "demo" / "manifest.json").read_text())
-    legacy = predict(legacy_python, REPO / "models" / "demo", real_dir / "stacks")
-    current = predict(Path(sys.executable), REPO / "models" / "demo", real_dir / "stacks")
+    legacy = predict(legacy_python, REPO / "models" / "demo", stack_source / "stacks")
+    current = predict(Path(sys.executable), REPO / "models" / "demo", stack_source / "stacks")
     worst = max(
         abs(float(legacy[s]["scores"][k]) - float(current[s]["scores"][k]))  # type: ignore[index]
         for s in current

@@ -153,7 +153,7 @@ def test_the_agent_process_reports_ready_after_start_pings_and_says_stopping(
 
 @pytest.mark.integration
 def test_a_hung_worker_stops_the_watchdog_pings(
-    tmp_path: Path, notify_socket: NotifySocket, broker, demo_bundle, real_dir
+    tmp_path: Path, notify_socket: NotifySocket, broker, demo_bundle, stack_source
 ):
     """The embedder is made to hang on one stack (the one stand-in in this test); the pings must stop."""
     from agent.service.agent import Agent
@@ -181,7 +181,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(
     try:
         assert notify_socket.wait_for("WATCHDOG=1", 5)
         demo_bundle.embedder = HangingEmbedder()
-        drop(stack_files(real_dir, 50), config.watch.folder, "hang")
+        drop(stack_files(stack_source, 50), config.watch.folder, "hang")
         assert entered.wait(20)
         time.sleep(0.6)  # the loop's last turn is now older than half the interval
         count = len(notify_socket.with_line("WATCHDOG=1"))
