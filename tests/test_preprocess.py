@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from agent.stacks.labels import CHANNELS
-from agent.stacks.preprocess import BitDepth, Preprocessing, auto_bits, preprocess, to_uint8
+from agent.stacks.preprocess import (
+    BitDepth,
+    Preprocessing,
+    Reducer,
+    auto_bits,
+    eight_bit,
+    preprocess,
+    to_uint8,
+)
 
 
 def _stack(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,3 +123,96 @@ def test_a_bad_channel_mapping_is_refused_with_the_reason(text: str, words: str)
 
     with pytest.raises(ValueError, match=words):
         parse_slots(text)
+
+
+# ---------------------------------------------------------------- exactly as before, for less memory
+
+
+def _float_formula(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """The policy as first written: a float32 copy of the channel, scaled and rounded."""
+    scale = 255.0 / float(2**bits - 1)
+    return np.clip(np.rint(pixels.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def _float_stretch(pixels: np.ndarray, policy: BitDepth) -> np.ndarray:
+    low, high = np.percentile(pixels, (policy.low_percentile, policy.high_percentile))
+    scaled = (pixels.astype(np.float32) - float(low)) * (255.0 / float(high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bits", range(9, 17))
+def test_the_lookup_table_gives_the_float_formulas_value_for_every_16_bit_level(bits: int) -> None:
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(eight_bit(every, BitDepth(bits=bits), bits), _float_formula(every, bits))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_percentile_mode_by_lookup_table_is_the_float_stretch(dtype: type) -> None:
+    rng = np.random.default_rng(4)
+    policy = BitDepth(mode="percentile", low_percentile=2.5, high_percentile=97.0)
+    pixels: np.ndarray = rng.gamma(2.0, 300 if dtype is np.uint16 else 20, (123, 77)).astype(dtype)
+    np.testing.assert_array_equal(eight_bit(pixels, policy, None), _float_stretch(pixels, policy))
+
+
+def _stack_16(peaks: dict[str, int], side: int = 96) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {c: rng.integers(0, peaks[c], (side, side), endpoint=True).astype(np.uint16) for c in CHANNELS}
+
+
+@pytest.mark.parametrize(
+    ("peaks", "again"),
+    [
+        ({"red": 4000, "green": 3000, "blue": 900, "yellow": 1000}, []),  # 12 bits from the first channel
+        ({"red": 900, "green": 3000, "blue": 900, "yellow": 1000}, ["red"]),  # red guessed 10
+        ({"red": 900, "green": 1000, "blue": 800, "yellow": 9000}, ["red", "green", "blue"]),  # yellow: 14
+    ],
+)
+def test_a_channel_scaled_before_the_stacks_bit_depth_was_known_is_named_and_redone(
+    peaks: dict[str, int], again: list[str]
+) -> None:
+    channels = _stack_16(peaks)
+    prep = Preprocessing(size=64)
+    reducer = Reducer(prep)
+    for name in CHANNELS:
+        reducer.add(name, channels[name])
+    assert reducer.stale() == again
+    if again:
+        with pytest.raises(ValueError, match="added again"):
+            reducer.image()
+    for name in again:
+        reducer.add(name, channels[name])
+    assert reducer.stale() == []
+    np.testing.assert_array_equal(reducer.image(), preprocess(channels, prep))
+
+
+MIXED_SLOTS = ((("red", 1.0), ("yellow", 0.5)), (("green", 1.0),), (("blue", 1.0),))
+
+
+@pytest.mark.parametrize(
+    "bit_depth",
+    [BitDepth(), BitDepth(bits=12), BitDepth(mode="percentile", low_percentile=1, high_percentile=99)],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_preprocess_gives_the_pixels_of_the_full_resolution_float_path(
+    bit_depth: BitDepth, dtype: type
+) -> None:
+    """The original whole-stack code path (every channel to a float copy, then 8 bits, then
+    resized), against the one-channel-at-a-time lookup tables."""
+    rng = np.random.default_rng(6)
+    top = 255 if dtype is np.uint8 else 4095
+    channels: dict[str, np.ndarray] = {
+        c: rng.integers(0, top, (301, 257), endpoint=True).astype(dtype) for c in CHANNELS
+    }
+    prep = Preprocessing(size=64, bit_depth=bit_depth, slots=MIXED_SLOTS)
+    if bit_depth.mode == "percentile":
+        eight = {c: _float_stretch(p, bit_depth) for c, p in channels.items()}
+    elif dtype is np.uint8:
+        eight = channels
+    else:
+        bits = bit_depth.bits or auto_bits(channels.values())
+        eight = {c: _float_formula(p, bits) for c, p in channels.items()}
+    small = {c: cv2.resize(p, (64, 64), interpolation=cv2.INTER_AREA) for c, p in eight.items()}
+    red, yellow = small["red"].astype(np.float32), small["yellow"].astype(np.float32)
+    mixed = np.clip(np.rint(red + yellow * 0.5), 0, 255)
+    expected = np.stack([mixed.astype(np.uint8), small["green"], small["blue"]], axis=-1)
+    np.testing.assert_array_equal(preprocess(channels, prep), expected)

@@ -282,3 +282,25 @@ def test_16_bit_brightness_is_measured_against_the_cameras_bit_depth(field_16: C
 def test_a_camera_bit_depth_outside_8_to_16_is_refused(field_16: Channels) -> None:
     with pytest.raises(ValueError, match=r"8\.\.16"):
         quality.measure(field_16, bits=20)
+
+
+# ---------------------------------------------------------------- channel by channel
+
+
+@pytest.mark.parametrize("bits", [None, 12])
+def test_figures_from_each_channels_samples_are_the_figures_of_the_stack(
+    field: Channels, field_16: Channels, bits: int | None
+) -> None:
+    """The device takes each channel's subsamples as it is decoded and lets the channel go:
+    the figures must be exactly those of the whole stack."""
+    for channels in (field, field_16, blurred(field_16, 2.0)):
+        samples = {name: quality.sample(name, pixels) for name, pixels in channels.items()}
+        assert all(s.stats.size <= 2 * quality.STATS_SIDE**2 for s in samples.values())
+        assert quality.measure_samples(samples, bits) == quality.measure(channels, bits)
+
+
+def test_the_nucleus_channel_alone_keeps_a_focus_subsample(field: Channels) -> None:
+    assert quality.sample("blue", field["blue"]).focus is not None
+    assert quality.sample("red", field["red"]).focus is None
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        quality.sample("red", field["red"].astype(np.float32))

@@ -11,12 +11,18 @@ Bit-depth policy (how 12/16-bit channels become the 8-bit the model was trained 
   into 0..15, nearly black. 8-bit data pass through unchanged.
 - mode "percentile": each channel stretched so its low/high percentiles map to 0/255, for
   data whose range varies wildly; it changes 8-bit data too, so use it for training as well.
+
+Memory: a channel goes to 8 bits through a lookup table built with the policy's own float
+arithmetic (the same pixels to the bit, without a float copy of the channel), and is resized
+at once (`Reducer`), so the device never holds more than one full-resolution channel and its
+8-bit copy; `preprocess` gives the same image from a stack whose channels are all at hand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -102,55 +108,154 @@ class Preprocessing:
 
 
 def to_uint8(channels: Mapping[str, np.ndarray], policy: BitDepth) -> dict[str, np.ndarray]:
-    """Apply the bit-depth policy to all channels of one stack."""
-    if policy.mode == "percentile":
-        return {name: _stretch(pixels, policy) for name, pixels in channels.items()}
+    """Apply the bit-depth policy to all channels of one stack (full resolution)."""
     first = next(iter(channels.values()))
-    if first.dtype == np.uint8:
+    if policy.mode == "bits" and first.dtype == np.uint8:
         return dict(channels)
-    bits = policy.bits or auto_bits(channels.values())
-    scale = 255.0 / float(2**bits - 1)
-    return {
-        name: np.clip(np.rint(pixels.astype(np.float32) * scale), 0, 255).astype(np.uint8)
-        for name, pixels in channels.items()
-    }
+    bits = _stack_bits(channels.values(), policy)
+    return {name: eight_bit(pixels, policy, bits) for name, pixels in channels.items()}
 
 
 def auto_bits(planes: Any) -> int:
     """Smallest usual camera bit depth that holds the brightest pixel of all planes."""
-    peak = max(int(p.max()) for p in planes)
+    return bits_for(max(int(p.max()) for p in planes))
+
+
+def bits_for(peak: int) -> int:
+    """Smallest usual camera bit depth (10, 12, 14 or 16) that holds `peak`."""
     for bits in _AUTO_BITS:
         if peak < 2**bits:
             return bits
     return 16
 
 
-def _stretch(pixels: np.ndarray, policy: BitDepth) -> np.ndarray:
-    low, high = np.percentile(pixels, (policy.low_percentile, policy.high_percentile))
-    if high <= low:
-        return np.zeros(pixels.shape, np.uint8)
-    scaled = (pixels.astype(np.float32) - float(low)) * (255.0 / float(high - low))
+def eight_bit(pixels: np.ndarray, policy: BitDepth, bits: int | None) -> np.ndarray:
+    """One channel through the bit-depth policy (`bits`: the stack's, for mode "bits").
+
+    A lookup table from every possible value to its 8-bit value, computed with the very
+    arithmetic of the policy (so the same pixels, exactly), applied in one pass: no float
+    copy of the channel, and only its 8-bit result beside it.
+    """
+    if policy.mode == "percentile":
+        low, high = np.percentile(pixels, (policy.low_percentile, policy.high_percentile))
+        if high <= low:
+            return np.zeros(pixels.shape, np.uint8)
+        return _apply(_stretch_lut(pixels.dtype, float(low), float(high)), pixels)
+    if pixels.dtype == np.uint8:
+        return pixels
+    if bits is None:
+        raise ValueError("the bit depth of a 16-bit stack must be known to scale a channel")
+    return _apply(_bits_lut(bits), pixels)
+
+
+@lru_cache(maxsize=8)
+def _bits_lut(bits: int) -> np.ndarray:
+    levels = np.arange(65536, dtype=np.uint16)
+    scale = 255.0 / float(2**bits - 1)
+    return np.clip(np.rint(levels.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def _stretch_lut(dtype: np.dtype, low: float, high: float) -> np.ndarray:
+    levels = np.arange(np.iinfo(dtype).max + 1, dtype=dtype)
+    scaled = (levels.astype(np.float32) - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _apply(lut: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return cv2.LUT(pixels, lut)
+    return lut[pixels]
+
+
+def _stack_bits(planes: Iterable[np.ndarray], policy: BitDepth) -> int | None:
+    """The bit depth mode "bits" scales 16-bit channels by: the policy's, or auto."""
+    if policy.mode != "bits":
+        return None
+    return policy.bits or auto_bits(planes)
+
+
+class Reducer:
+    """The embedder's input built one channel at a time, so that no full-resolution channel
+    need outlive its own turn: `add` scales a channel to 8 bits and resizes it at once.
+
+    With an automatic bit depth and 16-bit data, the stack's depth is known only once every
+    channel's brightest pixel is: a channel is scaled by the depth of the brightest pixel
+    seen so far (`add` in channel order), and `stale` names the channels whose guess the
+    rest of the stack overturned; their caller adds them again. `peak` (the whole stack's
+    brightest pixel) settles the depth up front when the caller has every channel already.
+    """
+
+    def __init__(self, prep: Preprocessing, peak: int | None = None) -> None:
+        self.prep = prep
+        self.needed = {c for slot in prep.slots for c, _ in slot}
+        self._peak = peak
+        self._known = peak is not None
+        self._small: dict[str, np.ndarray] = {}
+        self._scaled_by: dict[str, int | None] = {}
+
+    def cost(self, width: int, height: int, bits: int) -> int:
+        """Bytes `add` holds beside a channel of this size at most: its 8-bit copy, and for
+        percentile mode the sorted copy `np.percentile` makes."""
+        cost = width * height if bits == 16 or self.prep.bit_depth.mode == "percentile" else 0
+        if self.prep.bit_depth.mode == "percentile":
+            cost += width * height * (2 if bits == 16 else 1)
+        return cost
+
+    def add(self, name: str, pixels: np.ndarray) -> None:
+        """Take one channel into account and keep its reduced form (if a slot uses it)."""
+        policy = self.prep.bit_depth
+        auto = policy.mode == "bits" and policy.bits is None and pixels.dtype == np.uint16
+        if auto and not self._known:
+            self._peak = max(self._peak or 0, int(pixels.max()))
+        if name not in self.needed:
+            return
+        bits: int | None = None
+        if policy.mode == "bits" and pixels.dtype == np.uint16:
+            bits = policy.bits or bits_for(self._peak or 0)
+        self._scaled_by[name] = bits if auto else None
+        eight = eight_bit(pixels, policy, bits)
+        size = (self.prep.size, self.prep.size)
+        if eight.shape != size:
+            eight = cv2.resize(eight, size, interpolation=RESIZE_METHODS[self.prep.resize])
+        self._small[name] = eight
+
+    def stale(self) -> list[str]:
+        """Channels scaled by a bit depth below the stack's: to be added again."""
+        if self._peak is None:
+            return []
+        final = bits_for(self._peak)
+        return [c for c, bits in self._scaled_by.items() if bits is not None and bits != final]
+
+    def image(self) -> np.ndarray:
+        """The embedder's input, uint8 size x size x 3."""
+        missing = sorted(self.needed - set(self._small))
+        if missing:
+            raise ValueError(f"channel(s) {', '.join(missing)} were not added")
+        stale = self.stale()
+        if stale:
+            raise ValueError(f"channel(s) {', '.join(stale)} must be added again at the stack's bit depth")
+        planes = []
+        for slot in self.prep.slots:
+            if len(slot) == 1 and slot[0][1] == 1.0:
+                planes.append(self._small[slot[0][0]])
+                continue
+            mixed = sum(self._small[c].astype(np.float32) * w for c, w in slot)
+            planes.append(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
+        return np.ascontiguousarray(np.stack(planes, axis=-1))
+
+
 def preprocess(channels: Mapping[str, np.ndarray], prep: Preprocessing) -> np.ndarray:
-    """The embedder's input for one stack: uint8, size x size x 3."""
-    eight = to_uint8(channels, prep.bit_depth)
-    interpolation = RESIZE_METHODS[prep.resize]
-    size = (prep.size, prep.size)
-    needed = {c for slot in prep.slots for c, _ in slot}
-    small = {
-        c: eight[c] if eight[c].shape == size else cv2.resize(eight[c], size, interpolation=interpolation)
-        for c in needed
-    }
-    planes = []
-    for slot in prep.slots:
-        if len(slot) == 1 and slot[0][1] == 1.0:
-            planes.append(small[slot[0][0]])
-            continue
-        mixed = sum(small[c].astype(np.float32) * w for c, w in slot)
-        planes.append(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
-    return np.ascontiguousarray(np.stack(planes, axis=-1))
+    """The embedder's input for one stack whose channels are all at hand: uint8, size x size x 3."""
+    policy = prep.bit_depth
+    first = next(iter(channels.values()))
+    peak = None
+    if policy.mode == "bits" and policy.bits is None and first.dtype == np.uint16:
+        peak = max(int(p.max()) for p in channels.values())
+    reducer = Reducer(prep, peak)
+    for name in CHANNELS:
+        if name in reducer.needed:
+            reducer.add(name, channels[name])
+    return reducer.image()
 
 
 def parse_slots(text: str) -> tuple[tuple[tuple[str, float], ...], ...]:

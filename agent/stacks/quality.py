@@ -6,7 +6,9 @@ channels): each channel is looked at through a regular subsample about 128 pixel
 through one about 256 across, so the cost hardly grows with the image size. Focus is
 thereby judged at about the scale the model sees, whatever the camera's pixel count.
 
-Figures (`measure`): flat numbers, named for the result document (`quality_<name>`).
+Figures (`measure`): flat numbers, named for the result document (`quality_<name>`). They
+depend only on those subsamples, so a reader that decodes one channel at a time keeps each
+channel's `sample` and lets the channel go; `measure_samples` then gives the same figures.
 
 - `brightness_<channel>`: (99.9th - 1st percentile) / full scale, 0..1: how far the
   brightest structures rise above the channel's floor (camera offset, background).
@@ -57,6 +59,7 @@ set on the 101 real HPA stacks and on synthetic ones, degraded on purpose
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -87,27 +90,54 @@ DARK_FLOOR = 0.01  # ... and dark whatever the training range below this
 EMPTY_FACTOR = 0.1  # empty: also below a tenth of the training low end
 
 
+@dataclass(frozen=True)
+class Samples:
+    """What the figures need of one channel: its regular subsamples (small contiguous copies),
+    so the full-resolution channel can be let go as soon as they are taken."""
+
+    stats: np.ndarray  # about STATS_SIDE pixels across
+    focus: np.ndarray | None  # about FOCUS_SIDE across, for the nucleus channel only
+
+
+def sample(name: str, pixels: np.ndarray) -> Samples:
+    """The subsamples of one decoded channel (uint8 or uint16, any size)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{name} is {pixels.dtype}; quality figures need uint8 or uint16")
+    focus = _sample(pixels, FOCUS_SIDE) if name == NUCLEUS_CHANNEL else None
+    return Samples(_sample(pixels, STATS_SIDE), focus)
+
+
 def measure(channels: Mapping[str, np.ndarray], bits: int | None = None) -> dict[str, float]:
     """The figures of one decoded stack (raw channels, uint8 or uint16, any size).
 
     `bits` is the camera's bit depth for 16-bit data when known (8..16; ignored for 8-bit
     data); see the module docstring.
     """
-    if bits is not None and not 8 <= bits <= 16:
-        raise ValueError(f"bits must be 8..16 or unset, not {bits}")
-    names = [c for c in CHANNELS if c in channels]
-    for name in names:
-        if channels[name].dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"{name} is {channels[name].dtype}; quality figures need uint8 or uint16")
-    samples = {c: _sample(np.asarray(channels[c]), STATS_SIDE) for c in names}
-    full = _full_scale(samples, bits)
-    figures = _channel_figures(samples, full)
-    if NUCLEUS_CHANNEL in channels:
-        fraction, contrast = _nuclei(samples[NUCLEUS_CHANNEL].astype(np.float32))
+    _check_bits(bits)
+    return measure_samples({c: sample(c, channels[c]) for c in CHANNELS if c in channels}, bits)
+
+
+def measure_samples(samples: Mapping[str, Samples], bits: int | None = None) -> dict[str, float]:
+    """The figures of one stack from its channels' `sample`s: the same as `measure`."""
+    _check_bits(bits)
+    stats = {c: samples[c].stats for c in CHANNELS if c in samples}
+    full = _full_scale(stats, bits)
+    figures = _channel_figures(stats, full)
+    if NUCLEUS_CHANNEL in samples:
+        fraction, contrast = _nuclei(stats[NUCLEUS_CHANNEL].astype(np.float32))
         figures["nucleus_fraction"] = fraction
         figures["nucleus_contrast"] = contrast
-        figures["focus"] = _focus(_sample(np.asarray(channels[NUCLEUS_CHANNEL]), FOCUS_SIDE))
+        focus = samples[NUCLEUS_CHANNEL].focus
+        if focus is None:
+            raise ValueError(f"the {NUCLEUS_CHANNEL} channel's samples lack the focus subsample")
+        figures["focus"] = _focus(focus)
     return figures
+
+
+def _check_bits(bits: int | None) -> None:
+    if bits is not None and not 8 <= bits <= 16:
+        raise ValueError(f"bits must be 8..16 or unset, not {bits}")
 
 
 def reference_from(figures: Sequence[Mapping[str, float]]) -> dict[str, Any]:
