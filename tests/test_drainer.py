@@ -322,3 +322,193 @@ def test_an_outbox_that_cannot_be_opened_at_start_is_opened_when_space_returns(
     assert len(events.named("outbox_unreadable")) == 1
     assert [event["side"] for event in events.named("outbox_recovered")] == ["read"]
     assert outbox_depth(database) == {"pending": 0, "rejected": 0}
+
+
+class BlockingSink(ListSink):
+    """Its connect blocks until the test releases it, as a name lookup that gets no answer does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.returned = False
+        self.closed_by: list[str] = []  # threads that called close after the connect returned
+
+    def connect(self) -> None:
+        self.entered.set()
+        self.release.wait()
+        super().connect()
+        self.returned = True
+
+    def close(self, goodbye: bool) -> None:
+        if self.returned:
+            self.closed_by.append(threading.current_thread().name)
+        super().close(goodbye)
+
+
+def beats_after(drainer: Drainer, beat: float) -> Callable[[], bool]:
+    return lambda: drainer.beat > beat
+
+
+def connect_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "test-connect"]
+
+
+def test_a_connect_that_blocks_does_not_stop_the_beat_and_is_logged_slow_once(
+    tmp_path: Path, events: Events
+) -> None:
+    database = tmp_path / "state.db"
+    fill(database, 2)
+    sink = BlockingSink()
+    settings = dataclasses.replace(FAST, connect_slow_seconds=0.2)
+    try:
+        with draining(database, sink, settings) as drainer:
+            assert sink.entered.wait(10)
+            for _ in range(3):  # the loop keeps turning while the connect hangs
+                assert wait_for(beats_after(drainer, drainer.beat))
+            assert wait_for(lambda: bool(events.named("test_connect_slow")))
+            sink.release.set()
+            assert wait_for(lambda: drainer.sent == 2)
+    finally:
+        sink.release.set()
+    assert len(events.named("test_connect_slow")) == 1
+    assert sink.connects == 1
+
+
+def test_a_connect_still_running_at_shutdown_is_left_behind_and_closed_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "state.db"
+    sink = BlockingSink()
+    try:
+        with draining(database, sink) as drainer:
+            assert sink.entered.wait(10)
+        assert not drainer.is_alive()  # shutdown did not wait for the connect
+        assert sink.closed_by == []  # nor did it touch the sink while the connect ran
+    finally:
+        sink.release.set()
+    assert wait_for(lambda: not connect_threads())
+    assert sink.closed_by == ["test-connect"]
+    assert not sink.ready
+
+
+class StuckSink(ListSink):
+    """Its poll hangs once `stuck` is set, as a publisher blocked in a send would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = threading.Event()
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def poll(self, timeout: float) -> list[Answer]:
+        if self.stuck.is_set():
+            self.inside.set()
+            self.release.wait()
+        return super().poll(timeout)
+
+
+def test_a_sink_stuck_in_poll_stops_the_beat_for_the_watchdog_to_see(tmp_path: Path) -> None:
+    database = tmp_path / "state.db"
+    sink = StuckSink()
+    try:
+        with draining(database, sink) as drainer:
+            assert wait_for(lambda: sink.ready)
+            sink.stuck.set()
+            assert sink.inside.wait(10)
+            beat = drainer.beat
+            time.sleep(0.3)  # six polls' worth
+            assert drainer.beat == beat
+            sink.release.set()
+            assert wait_for(beats_after(drainer, beat))
+    finally:
+        sink.release.set()
+
+
+# Run inside a private mount namespace whose /etc/resolv.conf names a DNS server that never
+# answers: the real MQTT sink's connect then hangs in the resolver, as with a dead DNS server.
+SILENT_DNS_SCRIPT = """
+import json, sys, threading, time
+from pathlib import Path
+from agent.service import log
+from agent.service.drainer import Drainer, DrainSettings
+from agent.service.mqtt_client import Broker
+from agent.service.sinks.mqtt import MqttSink
+
+seen = []
+log.setup("debug", stream=sys.stderr)
+log.LOGGER.addHandler(type("H", (__import__("logging").Handler,), {
+    "emit": lambda self, record: seen.append(log.parse_line(record.getMessage())["event"])})())
+sink = MqttSink(Broker(host="broker.hpa-edge.test", port=1883), "t", "hpa-edge/t", 4)
+settings = DrainSettings(reconnect_min=60, reconnect_max=60, stats_interval=0, connect_slow_seconds=1.0)
+drainer = Drainer(Path(sys.argv[1]), sink, settings)
+start = time.monotonic()
+drainer.start()
+stalest = 0.0
+while "mqtt_connect_failed" not in seen and time.monotonic() - start < 60:
+    stalest = max(stalest, time.monotonic() - drainer.beat)
+    time.sleep(0.02)
+took = time.monotonic() - start
+drainer.shutdown(flush_seconds=0)
+print(json.dumps({"events": seen, "connect_s": took, "stalest_beat_s": stalest, "alive": drainer.is_alive()}))
+"""
+
+
+@pytest.fixture
+def silent_dns(tmp_path: Path) -> Iterator[Path]:
+    """A resolv.conf naming a UDP port 53 on a loopback address that takes queries and never answers."""
+    import random
+    import shutil
+    import socket
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(2, 254)}"
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        server.bind((address, 53))
+    except OSError as exc:
+        server.close()
+        pytest.skip(f"cannot listen on {address}:53 (needs root): {exc}")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {address}\noptions timeout:3 attempts:1\n")
+    try:
+        yield resolv
+    finally:
+        server.close()
+
+
+def test_a_dns_server_that_never_answers_does_not_stop_the_beat(tmp_path: Path, silent_dns: Path) -> None:
+    import json
+    import os
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/resolv.conf && exec "$1" -c "$2" "$3"',
+            str(silent_dns),
+            sys.executable,
+            SILENT_DNS_SCRIPT,
+            str(tmp_path / "state.db"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0 and not done.stdout:
+        pytest.skip(f"cannot bind-mount a resolv.conf in a private mount namespace: {done.stderr.strip()}")
+    result = json.loads(done.stdout)
+    if result["connect_s"] < 2.5:
+        pytest.skip(f"this machine's name lookups do not go through /etc/resolv.conf: {result}")
+    assert result["events"].count("mqtt_connect_slow") == 1
+    assert "mqtt_connect_failed" in result["events"]
+    assert result["stalest_beat_s"] < result["connect_s"] / 2  # the lookup hung, the loop did not
+    assert not result["alive"]

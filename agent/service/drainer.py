@@ -10,7 +10,18 @@ ever; the count lives in memory, a restart starts it again), backing off while t
 unavailable (doubling from `reconnect_min` to `reconnect_max` s, with jitter), the periodic
 stats message, and on shutdown delivering what it can within `flush_seconds`. The sink
 (`agent.service.sinks`) only connects, sends and reports answers; everything the sink does
-runs on this thread too, which is what paho's client needs (it is not reliably thread-safe).
+runs on this thread too, which is what paho's client needs (it is not reliably thread-safe),
+except `connect`.
+
+`connect` runs on a short-lived thread of its own while this one waits for it in small steps,
+because it can block for a minute (paho resolves the broker's name and opens the connection
+before it returns; a DNS server that does not answer costs the resolver's whole timeout), and
+`beat` must keep advancing meanwhile, or the systemd watchdog kills an agent that works. The
+sink is still used by one thread at a time: the drainer does not touch it until the connect
+returned, and if the drainer stops first (shutdown), the connect's thread closes the sink
+itself when the connect returns. `<kind>_connect_slow` is logged once when a connect takes
+longer than `connect_slow_seconds`. Sending and polling stay on this thread, so a sink stuck
+there still stops the beat, which is what the watchdog is for.
 
 The database is allowed to fail (a full disk, a locked or unreadable file): the thread never
 dies of it. Opening and reading are retried after `outbox_retry` s. An answer whose outbox
@@ -46,6 +57,7 @@ from agent.service.sinks import Answer, Sink, SinkUnavailableError, Verdict
 from agent.service.state import StateError
 
 POLL_SECONDS = 0.05
+CONNECT_STEP = 0.1  # while a connect runs: how often the loop turns (beat, shutdown)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class DrainSettings:
     retry_seconds: float = 5.0  # a row answered RETRY waits this long before it is sent again, doubling
     retry_limit: int = 5  # re-sends of a row answered RETRY; still refused after them: REJECTED
     outbox_retry: float = 1.0  # pause before the database is tried again after an error
+    connect_slow_seconds: float = 5.0  # a connect taking longer is logged (once)
     rescan_seconds: float = 5.0  # look for pending rows this often unkicked (`hpa-edge outbox retry`)
 
 
@@ -103,6 +116,47 @@ class _Trouble:
             self.failures = 0
 
 
+class _Connecting(threading.Thread):
+    """One `sink.connect()` on a thread of its own, which owns the sink until it returns."""
+
+    def __init__(self, sink: Sink, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.sink = sink
+        self.started = time.monotonic()
+        self.error: BaseException | None = None
+        self.said_slow = False
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            self.sink.connect()
+        except BaseException as exc:  # handed to the drainer, which decides
+            self.error = exc
+        with self._lock:
+            self._finished.set()
+            abandoned = self._abandoned
+        if abandoned:  # the drainer is gone: nobody will use this connection
+            try:
+                self.sink.close(goodbye=False)
+            except Exception as exc:
+                log.event("connect_close_failed", "warning", sink=self.sink.name, error=repr(exc))
+
+    def wait(self, timeout: float) -> bool:
+        """True once the connect returned (then `error` says how)."""
+        return self._finished.wait(timeout)
+
+    def abandon(self) -> bool:
+        """The drainer stops waiting. True when the connect still runs: this thread then owns
+        the sink for good and closes it when the connect returns."""
+        with self._lock:
+            if self._finished.is_set():
+                return False
+            self._abandoned = True
+            return True
+
+
 class Drainer(threading.Thread):
     def __init__(
         self,
@@ -129,6 +183,8 @@ class Drainer(threading.Thread):
         self._stop_request = threading.Event()
         self._flush_until = 0.0
         self._outbox: Outbox | None = None
+        self._connecting: _Connecting | None = None
+        self._sink_given_up = False  # a connect outlived this thread: its thread owns the sink
         self._backoff = settings.reconnect_min
         self._next_attempt = 0.0
         self._connected_once = False
@@ -211,16 +267,29 @@ class Drainer(threading.Thread):
         self._more = True
 
     def _try_connect(self) -> None:
-        now = time.monotonic()
-        if now < self._next_attempt:
-            self._kick.wait(min(self._next_attempt - now, 0.25))
-            self._kick.clear()
+        attempt = self._connecting
+        if attempt is None:
+            now = time.monotonic()
+            if now < self._next_attempt:
+                self._kick.wait(min(self._next_attempt - now, 0.25))
+                self._kick.clear()
+                return
+            attempt = self._connecting = _Connecting(self.sink, f"{self.kind}-connect")
+            attempt.start()
+        if not attempt.wait(CONNECT_STEP):
+            waited = time.monotonic() - attempt.started
+            if not attempt.said_slow and waited >= self.settings.connect_slow_seconds:
+                attempt.said_slow = True
+                log.event(
+                    f"{self.kind}_connect_slow", "warning", sink=self.sink.name, waited_s=round(waited, 1)
+                )
             return
-        try:
-            self.sink.connect()
-        except SinkUnavailableError as exc:
-            self._retry_later("connect_failed", exc)
+        self._connecting = None
+        if isinstance(attempt.error, SinkUnavailableError):
+            self._retry_later("connect_failed", attempt.error)
             return
+        if attempt.error is not None:
+            raise attempt.error
         self._linked = True
 
     def _step(self) -> None:
@@ -351,7 +420,12 @@ class Drainer(threading.Thread):
         self._backoff = min(self._backoff * 2, self.settings.reconnect_max)
 
     def _close(self, goodbye: bool) -> None:
-        if goodbye and self.sink.ready:
+        if self._connecting is not None:  # only on the way out: the loop waits for a running connect
+            self._sink_given_up = self._connecting.abandon()
+            self._connecting = None
+        if self._sink_given_up:
+            pass  # the connect's thread closes the sink when its connect returns
+        elif goodbye and self.sink.ready:
             self.sink.close(goodbye=True)
             log.event(f"{self.kind}_offline", sink=self.sink.name, pending=len(self.inflight))
         else:

@@ -38,7 +38,10 @@ class SinkUnavailableError(Exception):
 
 
 class Sink(Protocol):
-    """What the drainer needs of a sink. Every method is called from the drainer's thread only."""
+    """What the drainer needs of a sink. Never called from two threads at once: every method runs
+    on the drainer's thread, except `connect`, which runs on a helper thread while the drainer
+    waits (it may block on a name lookup); if the drainer stops waiting, that thread calls
+    `close(goodbye=False)` once `connect` returns. `name` and `ready` are read from any thread."""
 
     @property
     def name(self) -> str:
