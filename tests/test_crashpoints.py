@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def agent(config: Path, crash_at: str | None = None) -> Iterator[tuple[subproces
         lines.thread.join(5)
 
 
-def wait_until(condition, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -68,7 +68,15 @@ def killed_at(config: Path, point: str, files: dict[str, Path], folder: Path, st
 
 @pytest.mark.parametrize(
     "point",
-    ["after_decode", "after_commit", "after_move:1", "after_move:2", "after_move:3", "after_move:4"],
+    [
+        "after_decode",
+        "after_commit",
+        "after_move:1",
+        "after_move:2",
+        "after_move:3",
+        "after_move:4",
+        "after_publish",
+    ],
 )
 def test_a_stack_survives_a_kill_at_each_step_with_one_result_and_no_error(
     tmp_path, broker, subscriber, point

@@ -47,6 +47,8 @@ class ListSink:
         self.verdict = verdict
         self.sent: list[Row] = []
         self.stats: list[bytes] = []
+        self.statuses: list[bytes] = []
+        self.lost = False  # set by a test: the next poll finds the link gone
         self.refusals = 0  # connect attempts to refuse first
         self.connects = 0
         self.goodbyes = 0
@@ -75,12 +77,18 @@ class ListSink:
 
     def poll(self, timeout: float) -> list[Answer]:
         time.sleep(timeout / 5)
+        if self.lost:
+            self.lost, self._ready = False, False
+            raise SinkUnavailableError("lost by the test")
         if not self.answer_now:
             return []
         with self._lock:
             tokens, self._unanswered = self._unanswered, {}
         attempts = {token: sum(r.seq == row.seq for r in self.sent[:token]) for token, row in tokens.items()}
         return [Answer(t, self.verdict(row, attempts[t]), "test") for t, row in tokens.items()]
+
+    def send_status(self, payload: bytes) -> None:
+        self.statuses.append(payload)
 
     def send_stats(self, payload: bytes) -> None:
         self.stats.append(payload)
@@ -265,6 +273,35 @@ def test_stats_carry_the_drainers_own_outbox_figures(tmp_path: Path) -> None:
         assert wait_for(lambda: any(outbox["rejected"] == 2 for outbox, _, _ in seen))
     assert sink.stats
     assert all(connected for _, _, connected in seen)
+
+
+def test_a_status_set_is_sent_at_once_and_again_after_a_reconnect(tmp_path: Path) -> None:
+    from agent.model import messages
+
+    database = tmp_path / "state.db"
+    fill(database, 0)
+    sink = ListSink()
+    with draining(database, sink) as drainer:
+        assert wait_for(lambda: sink.ready)
+        drainer.set_status(messages.DEGRADED)
+        assert wait_for(lambda: sink.statuses == [messages.DEGRADED])
+        sink.lost = True  # the link drops; the sink says online by itself on the next connect
+        assert wait_for(lambda: sink.statuses == [messages.DEGRADED, messages.DEGRADED])
+        drainer.set_status(messages.ONLINE)
+        assert wait_for(lambda: sink.statuses[-1] == messages.ONLINE)
+
+
+def test_reopen_reads_the_database_file_now_at_the_path(tmp_path: Path) -> None:
+    database = tmp_path / "state.db"
+    fill(database, 1)
+    sink = ListSink()
+    with draining(database, sink) as drainer:
+        assert wait_for(lambda: drainer.sent == 1)
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(database) + suffix).unlink(missing_ok=True)
+        fill(database, 2)  # a new file at the path, as the agent's restore makes
+        drainer.reopen()
+        assert wait_for(lambda: drainer.sent == 3)
 
 
 def test_shutdown_delivers_the_backlog_then_says_goodbye(tmp_path: Path) -> None:

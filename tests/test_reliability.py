@@ -197,16 +197,18 @@ def test_analysis_failing_on_every_stack_degrades_the_agent_and_keeps_the_files(
         def broken(prepared: Any) -> Any:
             raise RuntimeError("the runtime lost its delegate")
 
-        agent.pipeline.infer = broken  # type: ignore[method-assign]
+        agent.pipeline.infer = broken  # type: ignore[method-assign,assignment]
         for name in "abcde":
             drop(stacks[name], config.watch.folder, name)
         assert subscriber.wait_for(lambda: agent.stats.degraded is not None)
         assert "DEGRADED" in agent.status_line()
+        assert subscriber.wait_for(lambda: [m.payload for m in subscriber.on("status")][-1] == b"degraded")
         assert errors(subscriber) == []
         assert len(list(config.watch.folder.glob("*.png"))) == 20
         agent.pipeline.infer = infer  # type: ignore[method-assign]
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 5, 20)
         assert subscriber.wait_for(lambda: agent.stats.degraded is None)
+        assert subscriber.wait_for(lambda: [m.payload for m in subscriber.on("status")][-1] == b"online")
     assert errors(subscriber) == []
 
 
@@ -226,7 +228,7 @@ def test_a_stack_that_fails_unexpectedly_on_every_attempt_fails_for_good_once(
                 raise ValueError("kernel failed on this input")
             return infer(prepared)
 
-        agent.pipeline.infer = poisoned  # type: ignore[method-assign]
+        agent.pipeline.infer = poisoned  # type: ignore[method-assign,assignment]
         drop(stacks["a"], config.watch.folder, "p")
         drop(stacks["b"], config.watch.folder, "ok")
         assert subscriber.wait_for(lambda: len(errors(subscriber)) == 1 and len(results(subscriber)) == 1)

@@ -25,6 +25,7 @@ from agent.stacks.labels import LOCATIONS
 
 MESSAGE_SCHEMA_VERSION = 1
 ONLINE = b"online"
+DEGRADED = b"degraded"  # connected, but taking no stacks for now (stats.degraded says why)
 OFFLINE = b"offline"
 KINDS = ("status", "results", "latest", "review", "errors", "stats")
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.model import messages
 from agent.model.bundle import Bundle, BundleError, load_bundle
 from agent.model.pipeline import Analysis, Pipeline, Prepared
 from agent.service import crashpoint, log
@@ -140,6 +141,8 @@ class Agent:
         self._folder_inode = os.stat(self.folder).st_ino
         self._open_state(self.clock(), at_start=True)
         self.drainer = self._drainer(self.stats)
+        if self.stats.degraded is not None:  # the database could not be opened just now
+            self.drainer.set_status(messages.DEGRADED)
         self.drainer.start()
         self.watcher = Watcher(self.folder, self.config.watch.observer)
         mode = self.watcher.start()
@@ -184,6 +187,7 @@ class Agent:
             settings,
             stats=stats.document,
             on_delivered=lambda msg_id, at: self._delivered.put((msg_id, at)),
+            on_failure=self._wake,
         )
 
     def _warn_if_password_readable(self) -> None:
@@ -196,6 +200,10 @@ class Agent:
                 mode=oct(secret.stat().st_mode & 0o777),
                 advice="chmod 600 and owned by the agent's user",
             )
+
+    def _wake(self) -> None:
+        if self.watcher is not None:
+            self.watcher.wake.set()
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -271,9 +279,8 @@ class Agent:
             return
         old.close()
         self.recorder = None
-        reopen = getattr(self.drainer, "reopen", None)  # TODO(drainer): reopen its outbox connection
-        if self._open_state(now) and reopen is not None:
-            reopen()
+        if self._open_state(now) and self.drainer is not None:
+            self.drainer.reopen()
         log.event("state_database_restored", "warning", path=path)
 
     def _state_trouble(self, event: str, exc: BaseException, now: float) -> None:
@@ -295,6 +302,8 @@ class Agent:
             return
         self.stats.degraded = reason
         self.notifier.send(f"STATUS={self.status_line()}")
+        if self.drainer is not None:
+            self.drainer.set_status(messages.ONLINE if reason is None else messages.DEGRADED)
 
     # The loop ---------------------------------------------------------------------------
     def run(self) -> None:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.model import messages
-from agent.service import log
+from agent.service import crashpoint, log
 from agent.service.outbox import Outbox, Row
 from agent.service.sinks import Answer, Sink, SinkUnavailableError, Verdict
 from agent.service.state import StateError
@@ -166,6 +166,7 @@ class Drainer(threading.Thread):
         kind: str = "mqtt",
         stats: StatsSource | None = None,
         on_delivered: Callable[[str, float], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"{kind}-drainer", daemon=True)
         self.database = database
@@ -174,6 +175,7 @@ class Drainer(threading.Thread):
         self.kind = kind  # prefixes the log events: mqtt_connected, mqtt_connection_lost, ...
         self.stats_source = stats
         self.on_delivered = on_delivered
+        self.on_failure = on_failure  # the thread died of a bug: wake whoever watches it
         self.sent = 0  # rows accepted and deleted from the outbox
         self.rejected = 0  # rows refused and marked so in the outbox
         self.inflight: dict[int, Row] = {}
@@ -196,6 +198,9 @@ class Drainer(threading.Thread):
         self._writing = _Trouble("outbox_write_failed", "write", settings.outbox_retry)
         self._next_stats = time.monotonic() + settings.stats_interval
         self._next_rescan = 0.0
+        self._reopen = threading.Event()
+        self._status = messages.ONLINE  # what the status topic should say while connected
+        self._status_sent: bytes | None = None
 
     @property
     def connected(self) -> bool:
@@ -204,6 +209,16 @@ class Drainer(threading.Thread):
     # Called from other threads ------------------------------------------------------------
     def kick(self) -> None:
         """New rows are in the outbox."""
+        self._kick.set()
+
+    def reopen(self) -> None:
+        """The database file was replaced (restored after a deletion): open it again."""
+        self._reopen.set()
+        self._kick.set()
+
+    def set_status(self, payload: bytes) -> None:
+        """`online` or `degraded`: published retained now, and after every (re)connect."""
+        self._status = payload
         self._kick.set()
 
     def shutdown(self, flush_seconds: float | None = None) -> None:
@@ -222,6 +237,11 @@ class Drainer(threading.Thread):
                 self.beat = time.monotonic()
                 if self._stop_request.is_set() and self._drained_or_late():
                     break
+                if self._reopen.is_set() and self._outbox is not None:
+                    self._reopen.clear()
+                    self._write_answers(last=True)
+                    self._outbox.close()
+                    self._outbox = None
                 if self._outbox is None:
                     self._open()
                     continue
@@ -234,6 +254,8 @@ class Drainer(threading.Thread):
         except BaseException as exc:  # a bug, not a fault of the database or the sink: surfaced
             self.failure = exc
             log.event("publisher_failed", "error", error=repr(exc))
+            if self.on_failure is not None:
+                self.on_failure()
         finally:
             self._close(goodbye=False)
             if self._outbox is not None:
@@ -291,6 +313,7 @@ class Drainer(threading.Thread):
         if attempt.error is not None:
             raise attempt.error
         self._linked = True
+        self._status_sent = messages.ONLINE  # what a sink says by itself on every connect
 
     def _step(self) -> None:
         was_ready = self.sink.ready
@@ -302,6 +325,9 @@ class Drainer(threading.Thread):
         if self.sink.ready and not was_ready:  # (re)connected: start from the oldest pending row
             self._backoff = self.settings.reconnect_min
             self._more = True
+        if self.sink.ready and self._status_sent != self._status:
+            self.sink.send_status(self._status)
+            self._status_sent = self._status
         for answer in answers:
             self._settle(answer)
         self._write_answers()
@@ -347,6 +373,7 @@ class Drainer(threading.Thread):
         row = self.inflight.pop(answer.token, None)
         if row is None:
             return  # not an outbox row (status, latest) or from a connection since dropped
+        crashpoint.reach("after_publish")  # the broker has it; the outbox does not know yet
         self._more = True
         verdict, reason = answer.verdict, answer.reason
         if verdict == Verdict.RETRY:

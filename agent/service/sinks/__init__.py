@@ -65,5 +65,9 @@ class Sink(Protocol):
     def send_stats(self, payload: bytes) -> None:
         """Best effort, never retried: a newer one follows."""
 
+    def send_status(self, payload: bytes) -> None:
+        """The instrument's state (`online`, `degraded`), best effort; a sink that has no such
+        channel ignores it. The drainer sends it again after every reconnect."""
+
     def close(self, goodbye: bool) -> None:
         """Disconnect; with `goodbye`, first tell consumers this instrument goes offline."""

@@ -107,6 +107,10 @@ class MqttSink:
         if self.ready:
             self._client.publish(messages.topic(self.prefix, "stats"), payload, qos=0)
 
+    def send_status(self, payload: bytes) -> None:
+        if self.ready:
+            self._client.publish(messages.topic(self.prefix, "status"), payload, qos=1, retain=True)
+
     def close(self, goodbye: bool) -> None:
         if goodbye and self.ready:
             self._goodbye()
