@@ -136,10 +136,13 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
         broker.stop()
 
 
-def test_status_is_retained_online_while_running(tmp_path, broker, demo_bundle):
+def test_status_is_retained_online_while_running(tmp_path, broker, subscriber, demo_bundle):
     config = config_for(tmp_path, broker.port)
     with running(config, demo_bundle):
-        status = retained(broker.port, "hpa-edge/scope/status")  # joins after the agent connected
+        # Only once the agent has published `online` may the late subscriber join: before that it
+        # would get the live message (retain false), not the retained one.
+        assert subscriber.wait_for(lambda: [m.payload for m in subscriber.on("status")] == [b"online"])
+        status = retained(broker.port, "hpa-edge/scope/status")
         assert status.payload == b"online"
         assert status.retain
 
