@@ -169,7 +169,10 @@ def test_the_home_assistant_example_parses_and_reads_published_fields() -> None:
         used = set(re.findall(r"value_json\.([a-z_]+)", json.dumps(sensor)))
         assert used <= fields, used - fields
     status = config["binary_sensor"][0]
-    assert (status["payload_on"], status["payload_off"]) == tuple(SCHEMA["$defs"]["status"]["enum"])
+    states = SCHEMA["$defs"]["status"]["enum"]
+    assert (status["payload_on"], status["payload_off"]) == ("online", "offline")
+    assert set(states) == {"online", "degraded", "offline"}  # every state the template must map
+    assert "'offline'" in status["value_template"]
 
 
 def test_grafana_fields_named_in_the_docs_exist() -> None:
