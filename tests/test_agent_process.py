@@ -55,14 +55,17 @@ class Lines:
 
 
 @contextmanager
-def agent_process(config: Path) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+def agent_process(
+    config: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """`hpa-edge run` with only the test's HPA_EDGE_* variables (`env`)."""
     process = subprocess.Popen(
         hpa_edge("run", "--config", str(config)),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}, **(env or {})},
     )
     lines = Lines(process)
     try:

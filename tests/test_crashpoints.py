@@ -9,44 +9,23 @@ msg_id, no error, every file in done/, nothing left in the folder.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.stacks.labels import CHANNELS
 from tests.agent_harness import drop, write_config
 from tests.helpers import write_stack
-from tests.test_agent_process import REPO, Lines, hpa_edge
+from tests.test_agent_process import agent_process
 
 pytestmark = pytest.mark.integration
 
 
-@contextmanager
-def agent(config: Path, crash_at: str | None = None) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
-    if crash_at:
-        env["HPA_EDGE_CRASH_AT"] = crash_at
-    process = subprocess.Popen(
-        hpa_edge("run", "--config", str(config)),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines = Lines(process)
-    try:
-        yield process, lines
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(20)
-        lines.thread.join(5)
+def agent(config: Path, crash_at: str | None = None) -> Any:
+    return agent_process(config, {"HPA_EDGE_CRASH_AT": crash_at} if crash_at else None)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
