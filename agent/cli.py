@@ -52,6 +52,19 @@ COMMANDS: dict[str, Command] = {
     "listen": Command(
         "agent.tools.listen", "print results arriving from devices over MQTT, as a table", "agent"
     ),
+    "collect": Command(
+        "agent.tools.collect",
+        "store every instrument's results, errors and status from MQTT in SQLite or PostgreSQL",
+        "collector",
+    ),
+    "query": Command(
+        "agent.tools.query", "the facility's canned questions over the collector's database", "collector"
+    ),
+    "collect-bench": Command(
+        "agent.tools.collect_bench",
+        "results per second into the collector's database from a simulated fleet of instruments",
+        "collector",
+    ),
     "bench": Command(
         "agent.tools.bench", "latency and throughput of the device pipeline on this machine", "agent"
     ),

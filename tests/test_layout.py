@@ -1,10 +1,12 @@
 """The rooms of the house and the directions of their doors, read from every import in the code.
 
 agent/stacks (reading) < agent/model (bundle, runtimes, analysis) < agent/service (the agent)
-< agent/tools (commands): a room imports only rooms below it and itself. The device side
-(`agent`) never imports `export`, TensorFlow, Keras or scikit-learn; `export` may import
-`agent`. On the workstation side, export/reports < data < features < training < conversion
-in the same way. Imports inside functions count too: a lazy import is still a door.
+< agent/collector (the facility's database) < agent/tools (commands): a room imports only
+rooms below it and itself, and the collector takes only the MQTT client factory from the
+agent's service room. The device side (`agent`) never imports `export`, TensorFlow, Keras or
+scikit-learn; `export` may import `agent`. On the workstation side, export/reports < data <
+features < training < conversion in the same way. Imports inside functions count too: a lazy
+import is still a door.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-ROOMS = ("agent.stacks", "agent.model", "agent.service", "agent.tools")
+ROOMS = ("agent.stacks", "agent.model", "agent.service", "agent.collector", "agent.tools")
 EXPORT_ROOMS = (
     "export.reports",
     "export.data",
@@ -129,3 +131,13 @@ def test_the_layout_check_sees_an_upward_import(tmp_path: Path) -> None:
         (3, "export.data"),
     ]
     assert room_of(found[0][1]) == ROOMS.index("agent.service")
+
+
+def test_the_collector_takes_only_the_mqtt_client_from_the_agents_service() -> None:
+    found = [
+        f"{module_name(path)} line {line}: {module}"
+        for path in sorted((REPO / "agent" / "collector").rglob("*.py"))
+        for line, module in imports(path)
+        if module.startswith("agent.service") and not module.startswith("agent.service.mqtt_client")
+    ]
+    assert found == []
