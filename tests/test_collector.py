@@ -421,6 +421,20 @@ def test_a_locked_database_holds_the_batch_unacknowledged(tmp_path: Path) -> Non
     db.close()
 
 
+def test_a_stopping_collector_writes_everything_it_holds(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    schema.migrate(db)
+    settings = Settings(client_id="t", batch=2)
+    collector = Collector(db, MqttBroker("127.0.0.1", 1), settings, log=lambda _: None)
+    for i, doc in enumerate(results(5)):
+        collector._on_message(None, None, _message("hpa-edge/scope01/results", encode(doc), i + 1))
+    stop = threading.Event()
+    stop.set()
+    assert collector.run(stop) == 0
+    assert (count(db, "results"), collector.pending) == (5, [])
+    db.close()
+
+
 # Against mosquitto ------------------------------------------------------------------------
 def _publish(port: int, items: list[tuple[str, bytes]]) -> None:
     client = make_client(MqttBroker("127.0.0.1", port))

@@ -171,8 +171,9 @@ class Collector:
                 self._stats(counted, time.monotonic() - last_stats)
                 last_stats = time.monotonic()
         deadline = time.monotonic() + 10
-        while self.pending and time.monotonic() < deadline and self.flush(final=True) is False:
-            time.sleep(0.5)
+        while self.pending and time.monotonic() < deadline:
+            if not self.flush(final=True):
+                time.sleep(0.5)
         if self.connected:
             for _ in range(20):  # let the last PUBACKs leave before the DISCONNECT
                 if not self.client.want_write():

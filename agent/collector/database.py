@@ -105,7 +105,7 @@ class _SqliteTransaction:
 class SqliteDatabase:
     dialect = "sqlite"
 
-    def __init__(self, url: str, path: Path, busy_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, path: Path, busy_seconds: float = 5.0) -> None:
         self.url = url
         self.path = path
         if path.parent != Path() and not path.parent.is_dir():
