@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from agent.stacks import image, quality, stack
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
-from agent.stacks.stack import find_stacks, read_stack
+from agent.stacks.preprocess import Preprocessing, preprocess
+from agent.stacks.stack import find_stacks, read_reduced, read_stack
 from tests.helpers import write_png, write_stack
+
+PREP = Preprocessing(size=32)
+
+
+def _reduced(stack_id: str, paths: Mapping[str, Path]) -> object:
+    return read_reduced(stack_id, paths, PREP)
+
+
+# Both readers check the same things and fail with the same error.
+Reader = Callable[[str, Mapping[str, Path]], object]
+READERS = pytest.mark.parametrize("read", [read_stack, _reduced], ids=["whole", "reduced"])
 
 
 def test_reads_four_channels_with_hashes(tmp_path: Path) -> None:
@@ -22,37 +36,41 @@ def test_reads_four_channels_with_hashes(tmp_path: Path) -> None:
     assert len(set(stack.sha256.values())) == 4
 
 
-def test_missing_channel_names_the_stack_and_channel(tmp_path: Path) -> None:
+@READERS
+def test_missing_channel_names_the_stack_and_channel(tmp_path: Path, read: Reader) -> None:
     paths = write_stack(tmp_path, "s1")
     del paths["yellow"]
     with pytest.raises(StackError, match="yellow") as info:
-        read_stack("s1", paths)
+        read("s1", paths)
     assert info.value.code == "missing_channel"
     assert "'s1'" in str(info.value)
 
 
-def test_channels_of_different_shapes_are_refused(tmp_path: Path) -> None:
+@READERS
+def test_channels_of_different_shapes_are_refused(tmp_path: Path, read: Reader) -> None:
     paths = write_stack(tmp_path, "s1", size=(64, 64))
     write_png(paths["green"], np.zeros((64, 63), np.uint8))
     with pytest.raises(StackError, match="63 x 64") as info:
-        read_stack("s1", paths)
+        read("s1", paths)
     assert info.value.code == "shape_mismatch"
     assert info.value.path == paths["green"]
 
 
-def test_channels_of_different_bit_depths_are_refused(tmp_path: Path) -> None:
+@READERS
+def test_channels_of_different_bit_depths_are_refused(tmp_path: Path, read: Reader) -> None:
     paths = write_stack(tmp_path, "s1")
     write_png(paths["blue"], np.zeros((64, 64), np.uint16))
     with pytest.raises(StackError) as info:
-        read_stack("s1", paths)
+        read("s1", paths)
     assert info.value.code == "dtype_mismatch"
 
 
-def test_one_bad_channel_file_fails_the_stack_naming_that_file(tmp_path: Path) -> None:
+@READERS
+def test_one_bad_channel_file_fails_the_stack_naming_that_file(tmp_path: Path, read: Reader) -> None:
     paths = write_stack(tmp_path, "s1")
     paths["red"].write_bytes(b"")
     with pytest.raises(StackError) as info:
-        read_stack("s1", paths)
+        read("s1", paths)
     assert (info.value.code, info.value.path) == ("empty_file", paths["red"])
 
 
@@ -83,3 +101,67 @@ def test_real_hpa_stacks_read_with_the_published_hashes(real_dir: Path) -> None:
         assert stack.dtype == np.uint8
         for channel in CHANNELS:
             assert stack.sha256[channel] == expected[f"{stack_id}_{channel}.png"]
+
+
+# ---------------------------------------------------------------- one channel at a time
+
+
+@READERS
+def test_a_files_own_error_comes_before_a_mismatch_found_earlier(tmp_path: Path, read: Reader) -> None:
+    """green differs in size, yellow is not an image: both readers name yellow, as they read
+    every file before comparing them."""
+    paths = write_stack(tmp_path, "s1")
+    write_png(paths["green"], np.zeros((64, 63), np.uint8))
+    paths["yellow"].write_text("not an image")
+    with pytest.raises(StackError) as info:
+        read("s1", paths)
+    assert (info.value.code, info.value.path) == ("not_an_image", paths["yellow"])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_reduced_stack_is_the_whole_stack_reduced(tmp_path: Path, dtype: type) -> None:
+    paths = write_stack(tmp_path, "s1", size=(90, 70), dtype=dtype)
+    whole = read_stack("s1", paths)
+    reduced = read_reduced("s1", paths, PREP, bits=12)
+    assert reduced.sha256 == whole.sha256
+    assert reduced.paths == whole.paths
+    assert (reduced.shape, reduced.dtype) == (whole.shape, whole.dtype)
+    np.testing.assert_array_equal(reduced.image, preprocess(whole.channels, PREP))
+    assert reduced.quality == quality.measure(whole.channels, 12)
+    assert reduced.decoded_again == ()
+    assert not hasattr(reduced, "channels")
+
+
+def _peaks(folder: Path, peaks: Mapping[str, int]) -> dict[str, Path]:
+    rng = np.random.default_rng(9)
+    paths = {}
+    for c in CHANNELS:
+        pixels = rng.integers(0, peaks[c], (40, 40), endpoint=True).astype(np.uint16)
+        paths[c] = write_png(folder / f"s1_{c}.png", pixels)
+    return paths
+
+
+def test_a_channel_scaled_before_the_bit_depth_was_known_is_decoded_again(tmp_path: Path) -> None:
+    paths = _peaks(tmp_path, {"red": 900, "green": 3000, "blue": 2000, "yellow": 100})
+    reduced = read_reduced("s1", paths, PREP)
+    assert reduced.decoded_again == ("red",)  # scaled as 10-bit before green showed 12
+    np.testing.assert_array_equal(reduced.image, preprocess(read_stack("s1", paths).channels, PREP))
+
+
+def test_a_channel_that_differs_when_decoded_again_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _peaks(tmp_path, {"red": 900, "green": 3000, "blue": 2000, "yellow": 100})
+    opened: list[Path] = []
+    real_open = image.open_channel
+
+    def rewritten_between(path: Path, limits: object) -> object:
+        if path in opened and path == paths["red"]:
+            write_png(path, np.full((40, 40), 5, np.uint16))  # another exposure saved meanwhile
+        opened.append(path)
+        return real_open(path, limits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stack, "open_channel", rewritten_between)
+    with pytest.raises(StackError) as info:
+        read_reduced("s1", paths, PREP)
+    assert (info.value.code, info.value.path) == ("changed", paths["red"])

@@ -1,13 +1,16 @@
 """One stack from its files to what the agent will say about it: a result or an error.
 
-decode (`agent.stacks.stack`) and image-quality figures (`agent.stacks.quality`) -> preprocess
-(`agent.stacks.preprocess`) -> embed and classify (the bundle's runtimes) -> thresholds
-(`Bundle.labels_for`) -> the review flag (`review`) -> the document (`messages`).
+decode, image-quality figures and preprocess, one channel at a time
+(`agent.stacks.stack.read_reduced`, with `quality` and `preprocess`) -> embed and classify (the
+bundle's runtimes) -> thresholds (`Bundle.labels_for`) -> the review flag (`review`) -> the
+document (`messages`).
 Nothing here writes to disk or the network, and nothing here decides where files go: it
 returns an `Analysis` that the service records and then acts on, so the same code serves the
 agent, `hpa-edge predict` and the benchmark. `prepare` (decode and preprocess: OpenCV and
 numpy, which release the GIL) and `infer` are separate so the agent can decode the next
-stack on one core while the models run on the other.
+stack on one core while the models run on the other. A stack never holds more than one
+full-resolution channel, and the decode threads of one pipeline share a memory budget
+(`agent.stacks.budget`): a big channel is decoded alone.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from agent.model import messages
 from agent.model.bundle import Bundle
 from agent.model.review import review
 from agent.stacks import quality
+from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.image import Limits
-from agent.stacks.preprocess import Preprocessing, preprocess
-from agent.stacks.stack import Stack, read_stack
+from agent.stacks.preprocess import Preprocessing
+from agent.stacks.stack import Reduced, read_reduced
 
 KINDS = ("result", "failed", "quarantined")
 
@@ -52,9 +56,9 @@ class Analysis:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A decoded, preprocessed stack waiting for the models."""
+    """A decoded, preprocessed stack waiting for the models (no full-resolution pixels)."""
 
-    stack: Stack
+    stack: Reduced  # stack_id, paths and sha256 of its files
     image: np.ndarray
     started: float
     decoded: float
@@ -63,7 +67,14 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, instrument: str, limits: Limits = Limits(), bits: int = 0) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        instrument: str,
+        limits: Limits = Limits(),
+        bits: int = 0,
+        decode_budget: int = DEFAULT_BUDGET,
+    ) -> None:
         self.bundle = bundle
         self.instrument = instrument
         self.limits = limits
@@ -73,6 +84,7 @@ class Pipeline:
             prep = dataclasses.replace(prep, bit_depth=dataclasses.replace(prep.bit_depth, bits=bits))
         self.preprocessing: Preprocessing = prep
         self.bundle_info = {"id": bundle.id, "sha256": bundle.sha256, "purpose": bundle.purpose}
+        self.budget = Budget(decode_budget)  # shared by every thread that calls `prepare`
 
     def analyse(self, stack_id: str, paths: Mapping[str, Path]) -> Analysis:
         """Read and classify one complete stack; any StackError becomes a `failed` analysis."""
@@ -88,13 +100,13 @@ class Pipeline:
                     raise StackError(
                         "symlink", "is a symbolic link; the agent reads only regular files", path
                     )
-            stack = read_stack(stack_id, paths, self.limits)
-            decoded = time.perf_counter()
-            figures = quality.measure(stack.channels, self.camera_bits)
-            image = preprocess(stack.channels, self.preprocessing)
+            stack = read_reduced(
+                stack_id, paths, self.preprocessing, self.limits, self.camera_bits, self.budget
+            )
         except StackError as exc:
             return self.failure(stack_id, paths, exc, started=started)
-        return Prepared(stack, image, started, decoded, time.perf_counter(), figures)
+        decoded = started + stack.decode_seconds  # the rest of the time went to reducing
+        return Prepared(stack, stack.image, started, decoded, time.perf_counter(), stack.quality)
 
     def infer(self, ready: Prepared) -> Analysis:
         """Embed, classify, apply the thresholds and write the result document."""

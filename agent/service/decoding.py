@@ -1,9 +1,15 @@
 """Decoding the next stacks while the models run on the current one.
 
 Decoding (OpenCV, numpy: the GIL is released) is the longest stage; running it in threads
-beside the models keeps both cores busy. The look-ahead is bounded, so only a few decoded
-stacks sit in memory however large the batch (measured: 96 -> 110-115 stacks/s in a burst of
-1,000 with two threads on 2 cores, and peak RSS 201 -> 193 MB against a whole batch ahead).
+beside the models keeps both cores busy. The look-ahead is bounded, so only a few prepared
+stacks wait however large the batch (measured: 96 -> 110-115 stacks/s in a burst of 1,000
+with two threads on 2 cores, and peak RSS 201 -> 193 MB against a whole batch ahead).
+
+Memory: a prepared stack holds only the model's input and its figures, never full-resolution
+pixels (`Pipeline.prepare` reads a channel at a time). While the threads decode, the channels
+they hold share the pipeline's decode budget (`agent.stacks.budget`): a channel too big to
+share it is decoded alone, so two big stacks never sit in memory at once (measured with two
+6000 x 6000 16-bit stacks arriving together: peak 353 MB, idle 212 MB; docs/benchmark.md#memory).
 """
 
 from __future__ import annotations

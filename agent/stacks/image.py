@@ -112,25 +112,8 @@ class ChannelFile:
         self._identity = _identity(stat)
 
     def decode_cost(self) -> int:
-        """Bytes `read` may hold at its peak (an upper bound, from the header).
-
-        The decoded array; once more for a TIFF decoder's strip buffer (at worst one strip
-        for the whole image), for the copy into numpy when OpenCV cannot decode into it, and
-        for a decode from the bytes in memory, which are held too; the gray plane copied out
-        of a colour-encoded file and the comparison of its planes.
-        """
-        header = self.header
-        decoded = header.decoded_bytes
-        cost = decoded
-        if header.format == "tiff":
-            cost += decoded
-        if not (DECODE_INTO and DECODE_FROM_FD):
-            cost += decoded
-        if not DECODE_FROM_FD:
-            cost += self.size
-        if header.planes > 1:
-            cost += decoded // header.planes + header.width * header.height
-        return cost
+        """Bytes `read` may hold at its peak (`decode_cost`)."""
+        return decode_cost(self.header, self.size)
 
     def read(self) -> Channel:
         """Hash and decode the file; refuse it if it changed meanwhile."""
@@ -158,6 +141,27 @@ class ChannelFile:
             )
         pixels = _checked(pixels, self.header, path)
         return Channel(pixels=pixels, sha256=digest.hexdigest(), header=self.header)
+
+
+def decode_cost(header: Header, size: int) -> int:
+    """Bytes decoding a file of this header and size may hold at its peak (an upper bound).
+
+    The decoded array; once more for a TIFF decoder's strip buffer (at worst one strip for
+    the whole image), for the copy into numpy when OpenCV cannot decode into it, and for a
+    decode from the bytes in memory, which are held too; the gray plane copied out of a
+    colour-encoded file and the comparison of its planes.
+    """
+    decoded = header.decoded_bytes
+    cost = decoded
+    if header.format == "tiff":
+        cost += decoded
+    if not (DECODE_INTO and DECODE_FROM_FD):
+        cost += decoded
+    if not DECODE_FROM_FD:
+        cost += size
+    if header.planes > 1:
+        cost += decoded // header.planes + header.width * header.height
+    return cost
 
 
 @contextmanager

@@ -1,17 +1,27 @@
-"""Read one stack: its four channel files, checked against each other, with their hashes."""
+"""Read one stack: its four channel files, checked against each other, with their hashes.
+
+`read_stack` holds the four decoded channels (the workstation, `check-stack`); `read_reduced`
+is the device's way: one channel at a time, each reduced to what the model and the quality
+checks need before the next is decoded, so a stack costs about one channel's memory.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from agent.stacks import quality
+from agent.stacks.budget import Budget
 from agent.stacks.errors import StackError
-from agent.stacks.image import Limits, read_channel
+from agent.stacks.image import ChannelFile, Limits, open_channel, read_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import NamingScheme
+from agent.stacks.preprocess import Preprocessing, Reducer
 
 
 @dataclass(frozen=True)
@@ -32,11 +42,119 @@ class Stack:
 
 
 def read_stack(stack_id: str, paths: Mapping[str, Path], limits: Limits = Limits()) -> Stack:
-    """Decode and check the four channels of one stack.
+    """Decode and check the four channels of one stack, all held at full resolution.
 
     All four must be present, of one shape and one bit depth: the model sees them as one
     image, and a mismatch means a mixed-up acquisition, not something to paper over.
+    For the workstation and checks; the device reads with `read_reduced`.
     """
+    _check_complete(stack_id, paths)
+    decoded = {c: read_channel(Path(paths[c]), limits) for c in CHANNELS}
+    for channel in CHANNELS[1:]:
+        mismatch = _mismatch(channel, decoded[channel].pixels, decoded["red"].pixels, Path(paths[channel]))
+        if mismatch is not None:
+            raise mismatch
+    return Stack(
+        stack_id=stack_id,
+        channels={c: decoded[c].pixels for c in CHANNELS},
+        sha256={c: decoded[c].sha256 for c in CHANNELS},
+        paths={c: Path(paths[c]) for c in CHANNELS},
+    )
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """One stack read the device's way: its files' hashes, the embedder's input and the
+    image-quality figures, and no full-resolution pixels."""
+
+    stack_id: str
+    sha256: Mapping[str, str]
+    paths: Mapping[str, Path]
+    shape: tuple[int, int]  # height, width of every channel
+    dtype: np.dtype
+    image: np.ndarray  # uint8 size x size x 3 (`preprocess.Reducer.image`)
+    quality: dict[str, float]  # `quality.measure_samples` of the four channels
+    decode_seconds: float  # spent reading, hashing and decoding files (the rest: reducing)
+    decoded_again: tuple[str, ...]  # channels decoded twice (the stack's bit depth came late)
+
+
+def read_reduced(
+    stack_id: str,
+    paths: Mapping[str, Path],
+    prep: Preprocessing,
+    limits: Limits = Limits(),
+    bits: int | None = None,
+    budget: Budget | None = None,
+) -> Reduced:
+    """Read one stack a channel at a time: decode it, hash it, take what the quality figures
+    and the embedder need of it, let the full-resolution pixels go, then the next channel.
+
+    The same checks, errors (in the same order), hashes, figures and image as `read_stack`
+    followed by `quality.measure` and `preprocess`. `bits` is the camera's bit depth for
+    the quality figures (`quality.measure`). With `budget`, each channel waits until what it
+    will hold fits beside the other decode threads' channels (`agent.stacks.budget`). A
+    channel scaled before the stack's automatic bit depth was known is decoded again
+    (`preprocess.Reducer`); its file must still have the same sha256.
+    """
+    _check_complete(stack_id, paths)
+    reducer = Reducer(prep)
+    samples: dict[str, quality.Samples] = {}
+    sha256: dict[str, str] = {}
+    first: tuple[tuple[int, int], np.dtype] | None = None
+    mismatch: StackError | None = None
+    decoding = 0.0
+    for name in CHANNELS:
+        path = Path(paths[name])
+        with open_channel(path, limits) as file, _reserve(budget, file, reducer):
+            began = time.perf_counter()
+            channel = file.read()
+            decoding += time.perf_counter() - began
+            sha256[name] = channel.sha256
+            pixels = channel.pixels
+            del channel
+            if first is None:
+                first = (pixels.shape, pixels.dtype)
+            elif mismatch is None:
+                mismatch = _mismatch(name, pixels, first, path)
+            if mismatch is None:
+                samples[name] = quality.sample(name, pixels)
+                reducer.add(name, pixels)
+            del pixels  # the full-resolution channel goes before the next is decoded
+    if mismatch is not None:
+        raise mismatch  # after every file was read: a file's own error comes first, as in read_stack
+    again = tuple(reducer.stale())
+    for name in again:
+        path = Path(paths[name])
+        with open_channel(path, limits) as file, _reserve(budget, file, reducer):
+            began = time.perf_counter()
+            channel = file.read()
+            decoding += time.perf_counter() - began
+            if channel.sha256 != sha256[name]:
+                raise StackError("changed", "file changed while the stack was read; not analysed", path)
+            reducer.add(name, channel.pixels)
+            del channel
+    assert first is not None
+    return Reduced(
+        stack_id=stack_id,
+        sha256=sha256,
+        paths={c: Path(paths[c]) for c in CHANNELS},
+        shape=(int(first[0][0]), int(first[0][1])),
+        dtype=first[1],
+        image=reducer.image(),
+        quality=quality.measure_samples(samples, bits),
+        decode_seconds=decoding,
+        decoded_again=again,
+    )
+
+
+def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> AbstractContextManager[None]:
+    if budget is None:
+        return nullcontext()
+    header = file.header
+    return budget.reserve(file.decode_cost() + reducer.cost(header.width, header.height, header.bits))
+
+
+def _check_complete(stack_id: str, paths: Mapping[str, Path]) -> None:
     missing = [c for c in CHANNELS if c not in paths]
     if missing:
         some = next(iter(paths.values()), None)
@@ -45,29 +163,27 @@ def read_stack(stack_id: str, paths: Mapping[str, Path], limits: Limits = Limits
             f"stack {stack_id!r} lacks channel(s) {', '.join(missing)}",
             some.parent if some is not None else None,
         )
-    decoded = {c: read_channel(Path(paths[c]), limits) for c in CHANNELS}
-    ref = decoded["red"].pixels
-    for channel in CHANNELS[1:]:
-        pixels = decoded[channel].pixels
-        if pixels.shape != ref.shape:
-            raise StackError(
-                "shape_mismatch",
-                f"{channel} is {pixels.shape[1]} x {pixels.shape[0]} but red is "
-                f"{ref.shape[1]} x {ref.shape[0]}; all channels of a stack must match",
-                paths[channel],
-            )
-        if pixels.dtype != ref.dtype:
-            raise StackError(
-                "dtype_mismatch",
-                f"{channel} is {pixels.dtype} but red is {ref.dtype}; all channels must share a bit depth",
-                paths[channel],
-            )
-    return Stack(
-        stack_id=stack_id,
-        channels={c: decoded[c].pixels for c in CHANNELS},
-        sha256={c: decoded[c].sha256 for c in CHANNELS},
-        paths={c: Path(paths[c]) for c in CHANNELS},
-    )
+
+
+def _mismatch(
+    channel: str, pixels: np.ndarray, red: np.ndarray | tuple[tuple[int, ...], np.dtype], path: Path
+) -> StackError | None:
+    """The error of a channel that differs from red in size or bit depth, or None."""
+    shape, dtype = (red.shape, red.dtype) if isinstance(red, np.ndarray) else red
+    if pixels.shape != shape:
+        return StackError(
+            "shape_mismatch",
+            f"{channel} is {pixels.shape[1]} x {pixels.shape[0]} but red is "
+            f"{shape[1]} x {shape[0]}; all channels of a stack must match",
+            path,
+        )
+    if pixels.dtype != dtype:
+        return StackError(
+            "dtype_mismatch",
+            f"{channel} is {pixels.dtype} but red is {dtype}; all channels must share a bit depth",
+            path,
+        )
+    return None
 
 
 def find_stacks(folder: Path, naming: NamingScheme = NamingScheme()) -> dict[str, dict[str, Path]]:

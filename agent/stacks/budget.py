@@ -1,0 +1,94 @@
+"""How much memory the threads decoding channels may hold at once.
+
+Each channel file says its size in its header before a pixel is decoded, so its reader can
+reserve what decoding and reducing it will take (`ChannelFile.decode_cost` plus
+`Reducer.cost`) and wait until that fits beside the reservations of the other decode
+threads. A reservation larger than the whole budget waits until it is alone, then runs: so
+at any moment the channels being decoded hold at most max(budget, the largest channel's cost).
+Reservations are served first come, first served, so a big channel is never starved by a
+stream of small ones.
+
+What a thread frees must also go back to the system, or the budget bounds nothing: by
+default glibc's malloc raises its mmap threshold to the size of the biggest block freed (up to
+32 MB) and keeps smaller freed blocks in each thread's arena, which it trims only above twice
+that; two decode threads taking turns with 4000 x 4000 16-bit channels kept 46 MB each
+(measured: 124 MB above the start for one 77 MB channel at a time). The first budget of a
+process fixes the threshold at 16 MB (`mallopt`; glibc only, and not where the operator set
+MALLOC_MMAP_THRESHOLD_): blocks from 16 MB are mapped and unmapped, smaller ones trimmed from
+the arenas at the usual 128 kB (measured: 78 MB for the same channels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Two 2048 x 2048 16-bit channels fit side by side; a 6000 x 6000 16-bit one runs alone.
+DEFAULT_BUDGET = 128 * 1024 * 1024
+# Blocks from this size are mapped on their own and given back when freed (see above).
+MMAP_THRESHOLD = 16 * 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_malloc_fixed = False
+
+
+def fix_malloc_threshold() -> bool:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (once); False where the
+    C library is not glibc or the operator set MALLOC_MMAP_THRESHOLD_."""
+    global _malloc_fixed
+    if _malloc_fixed or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _malloc_fixed
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl, macOS: no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _malloc_fixed = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return _malloc_fixed
+
+
+class Budget:
+    """Bytes shared by the threads that decode channels (see the module docstring)."""
+
+    def __init__(self, capacity: int = DEFAULT_BUDGET) -> None:
+        if capacity <= 0:
+            raise ValueError(f"a decode budget must be > 0 bytes, not {capacity}")
+        self.capacity = capacity
+        fix_malloc_threshold()
+        self.held = 0  # bytes reserved now
+        self.most_held = 0  # the most ever reserved at once
+        self.most_at_once = 0  # the most reservations ever held at once
+        self._holders = 0
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold `nbytes` of the budget for the duration of the block (waits for its turn)."""
+        nbytes = max(0, int(nbytes))
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or not self._fits(nbytes):
+                self._cond.wait()
+            self._serving += 1
+            self.held += nbytes
+            self._holders += 1
+            self.most_held = max(self.most_held, self.held)
+            self.most_at_once = max(self.most_at_once, self._holders)
+            self._cond.notify_all()  # the next ticket may fit too
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= nbytes
+                self._holders -= 1
+                self._cond.notify_all()
+
+    def _fits(self, nbytes: int) -> bool:
+        return self._holders == 0 or self.held + nbytes <= self.capacity
