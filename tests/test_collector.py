@@ -478,6 +478,37 @@ def test_collect_stores_a_fleet_and_keeps_bad_input_aside(tmp_path: Path, db_url
     db.close()
 
 
+@pytest.mark.integration
+def test_while_the_database_is_locked_the_broker_keeps_the_rest(tmp_path: Path) -> None:
+    """At most Receive Maximum messages are held unacknowledged; the broker queues the others."""
+    broker = Broker(tmp_path / "broker", extra="allow_anonymous true\nmax_queued_messages 0\n").start()
+    db = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    schema.migrate(db)
+    db.connection.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
+    settings = Settings(client_id="c1", receive_maximum=20, batch=10)
+    collector = Collector(db, MqttBroker("127.0.0.1", broker.port), settings, log=lambda _: None)
+    lock = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, args=(stop,))
+    thread.start()
+    try:
+        assert collector.subscribed.wait(10)
+        fleet.publish(MqttBroker("127.0.0.1", broker.port), instruments=2, per_instrument=50)
+        time.sleep(0.5)
+        assert len(collector.pending) == 20
+        lock.execute("ROLLBACK")
+        deadline = time.monotonic() + 30
+        while collector.counts.results < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+        broker.stop()
+    assert count(db, "results") == 100
+    db.close()
+
+
 def _collect(port: int, db_url: str, client_id: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "collect", "--broker", f"127.0.0.1:{port}", "--db", db_url,
