@@ -41,7 +41,7 @@ from pathlib import Path
 from agent.model import messages
 from agent.model.bundle import Bundle, BundleError, load_bundle
 from agent.model.pipeline import Analysis, Pipeline, Prepared
-from agent.service import crashpoint, log
+from agent.service import crashpoint, homeassistant, log
 from agent.service.breaker import Breaker
 from agent.service.config import Config, is_set
 from agent.service.decoding import Decoder
@@ -171,8 +171,17 @@ class Agent:
 
     def _drainer(self, stats: Stats) -> Drainer:
         mqtt = self.config.mqtt
+        ha = self.config.homeassistant
+        topic, payload = homeassistant.discovery(
+            ha.discovery_prefix, self.instrument, self.config.topic_prefix
+        )
         sink = MqttSink(
-            self.config.broker(), self.config.client_id, self.config.topic_prefix, mqtt.max_inflight
+            self.config.broker(),
+            self.config.client_id,
+            self.config.topic_prefix,
+            mqtt.max_inflight,
+            discovery=(topic, payload if ha.enabled else b""),
+            birth_topic=homeassistant.birth_topic(ha.discovery_prefix),
         )
         settings = DrainSettings(
             max_inflight=mqtt.max_inflight,

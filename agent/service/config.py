@@ -98,6 +98,12 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = True  # publish MQTT discovery, so Home Assistant shows the instrument by itself
+    discovery_prefix: str = "homeassistant"  # Home Assistant's default
+
+
+@dataclass(frozen=True)
 class Config:
     instrument: str = ""  # "" = this machine's host name
     log_level: str = "info"
@@ -107,6 +113,7 @@ class Config:
     bundle: BundleConfig = field(default_factory=BundleConfig)
     state: StateConfig = field(default_factory=StateConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     source: str = "defaults"  # where this came from, for messages
 
     # Derived values, resolved once so the rest of the agent never re-derives them.
@@ -162,6 +169,7 @@ SECTIONS: dict[str, type] = {
     "bundle": BundleConfig,
     "state": StateConfig,
     "mqtt": MqttConfig,
+    "homeassistant": HomeAssistantConfig,
 }
 
 
@@ -397,6 +405,9 @@ def validate(config: Config) -> None:
         fail("mqtt.cert_file", "a client certificate needs both mqtt.cert_file and mqtt.key_file")
     if not m.tls and any(is_set(getattr(m, k)) for k in ("ca_file", "cert_file", "key_file")):
         fail("mqtt.tls", "is false but certificate files are set; set tls = true")
+    if not _TOPIC_WORD.match(config.homeassistant.discovery_prefix):
+        prefix = config.homeassistant.discovery_prefix
+        fail("homeassistant.discovery_prefix", f"{prefix!r} is not one topic word")
 
 
 def describe(config: Config) -> list[str]:

@@ -14,6 +14,12 @@ drainer sends the row again after a growing pause, a bounded number of times, th
 with the last reason. Unknown failure codes count as permanent because a wrong guess the other
 way re-sends a refused message for ever. A 3.1.1 broker acknowledges refused messages as if
 delivered: nothing to report.
+
+Home Assistant discovery (`agent.service.homeassistant`): after each connect the sink
+publishes the retained discovery message (or an empty one, which removes the device, when
+switched off) and, when on, subscribes to Home Assistant's birth topic, the one topic it
+subscribes to, to publish the discovery again when Home Assistant restarts. `stats` is
+retained, so a dashboard that joins late shows counters at once.
 """
 
 from __future__ import annotations
@@ -46,8 +52,18 @@ def verdict_of(code: int) -> Verdict:
 
 
 class MqttSink:
-    def __init__(self, broker: Broker, client_id: str, prefix: str, max_inflight: int) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        client_id: str,
+        prefix: str,
+        max_inflight: int,
+        discovery: tuple[str, bytes] | None = None,
+        birth_topic: str | None = None,
+    ) -> None:
         self.broker = broker
+        self.discovery = discovery  # (topic, payload); an empty payload removes the device
+        self.birth_topic = birth_topic
         self.client_id = client_id
         self.prefix = prefix
         self.max_inflight = max_inflight
@@ -75,6 +91,7 @@ class MqttSink:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
         except (OSError, ssl.SSLError) as exc:
@@ -105,7 +122,7 @@ class MqttSink:
 
     def send_stats(self, payload: bytes) -> None:
         if self.ready:
-            self._client.publish(messages.topic(self.prefix, "stats"), payload, qos=0)
+            self._client.publish(messages.topic(self.prefix, "stats"), payload, qos=0, retain=True)
 
     def send_status(self, payload: bytes) -> None:
         if self.ready:
@@ -123,7 +140,21 @@ class MqttSink:
             return  # the broker closes the link; poll() then reports it and the drainer backs off
         self.connected = True
         client.publish(messages.topic(self.prefix, "status"), messages.ONLINE, qos=1, retain=True)
+        self._announce(client)
+        if self.birth_topic is not None and self.discovery is not None and self.discovery[1]:
+            client.subscribe(self.birth_topic, qos=1)
         log.event("mqtt_connected", broker=self.broker.address, protocol=self.broker.protocol)
+
+    def _announce(self, client: Any) -> None:
+        if self.discovery is not None:
+            topic, payload = self.discovery
+            client.publish(topic, payload, qos=1, retain=True)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        """Home Assistant's birth message: it may have forgotten the device, so say it again."""
+        if message.topic == self.birth_topic and message.payload == b"online":
+            self._announce(client)
+            log.event("homeassistant_discovery_sent", topic=self.discovery[0] if self.discovery else "")
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         payload = self._results.pop(mid, None)
