@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
             f'[bundle]\npath = "{args.bundle.resolve()}"\n'
             f'[state]\ndatabase = "{work / "state.db"}"\n'
             f'[mqtt]\nhost = "{host}"\nport = {port}\nprotocol = "{protocol}"\n'
-            "stats_interval = 0.0\n"
+            "stats_interval = 5.0\n"  # retained: a dashboard plugged into the demo broker shows counters
             "reconnect_min = 0.5\nreconnect_max = 2.0\n"
         )
         results = Results(Broker(host, port, protocol), truth, len(truth))
