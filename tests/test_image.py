@@ -270,6 +270,26 @@ def test_a_file_that_changes_while_it_is_read_is_refused(
     assert _error(path).code == "changed"
 
 
+def test_a_file_renamed_linked_or_chmodded_while_it_is_read_is_not_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its status change time moves, its content does not: e.g. the agent moving a hard link
+    of the same file to done/ while a decode thread reads another."""
+    path = write_png(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+    decode = image._decode_file
+
+    def metadata_meanwhile(name: str, header: image.Header) -> np.ndarray | None:
+        pixels = decode(name, header)
+        os.link(path, tmp_path / "b.png")
+        os.rename(tmp_path / "b.png", tmp_path / "c.png")
+        path.chmod(0o600)
+        return pixels
+
+    monkeypatch.setattr(image, "_decode_file", metadata_meanwhile)
+    monkeypatch.setattr(image, "DECODE_FROM_FD", True)
+    assert read_channel(path).pixels.shape == (16, 16)
+
+
 def test_colour_planes_count_against_the_pixel_limit(tmp_path: Path) -> None:
     """Grayscale saved as RGB decodes three planes: it costs, and counts, three times the pixels."""
     gray = np.zeros((100, 100), np.uint8)

@@ -3,8 +3,8 @@
 The header is read before any pixel is decoded so that a decompression bomb, a multi-page
 TIFF or a colour image is refused cheaply and with a specific reason. The file is opened
 once: its header, its sha256 and its pixels all come from that one open file, and a file
-that changes while it is read (size or times) is refused, so the hash always describes what
-was analysed.
+written to while it is read (its size or modification time moves) is refused, so the hash
+always describes what was analysed.
 
 Memory: only the decoded pixels are held, never the file's bytes. On Linux OpenCV decodes
 the open file itself (through /proc/self/fd) into an array numpy owns, so a channel costs its
@@ -203,7 +203,9 @@ def _open(path: Path) -> BinaryIO:
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    """What a write to the file changes: its size or its modification time. Not its status
+    change time, which a rename, a chmod or a hard link elsewhere also moves."""
+    return (stat.st_size, stat.st_mtime_ns)
 
 
 class _FileView:
