@@ -367,6 +367,27 @@ def test_a_stack_too_big_for_memory_max_is_set_aside_after_two_deaths_without_a_
     unit = agent.show(UNIT, "NRestarts", "ActiveState")
     assert (unit["ActiveState"], int(unit["NRestarts"])) == ("active", before + 2)
 
+    # The unit's own limits fit the same stack (36 Mpx a channel, near stack.max_pixels).
+    agent.drop_in(UNIT, "test-memory", None)
+    agent.systemctl("restart", UNIT)
+    drop_stack(agent, big_stack(tmp_path / "big"), "ct-big-default")
+    assert wait_until(lambda: payloads(listener, "results", "ct-big-default"), 60)
+    assert agent.show(UNIT, "NRestarts")["NRestarts"] == "0"
+    print(f"peak memory with a 4 x 6000 x 6000 16-bit stack: {memory_peak(agent)} bytes")
+
+
+def memory_peak(container: Container) -> int | None:
+    """The most memory the unit's cgroup has held since it started (v1 or v2 >= 5.19)."""
+    group = container.show(UNIT, "ControlGroup")["ControlGroup"].lstrip("/")
+    for path in (
+        f"/sys/fs/cgroup/memory/{group}/memory.max_usage_in_bytes",
+        f"/sys/fs/cgroup/{group}/memory.peak",
+    ):
+        done = container.run("cat", path, check=False)
+        if done.returncode == 0 and done.stdout.strip().isdigit():
+            return int(done.stdout)
+    return None
+
 
 def memory_limit(container: Container) -> int | None:
     """The kernel's memory limit on the unit's cgroup (v1 or v2), as the container sees it."""
