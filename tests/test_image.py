@@ -253,6 +253,25 @@ def test_every_way_of_decoding_gives_the_same_pixels_and_hash(
         assert channel.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_where_proc_fd_names_do_not_open_the_bytes_are_decoded_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_proc(name: str, flags: int, *args: int) -> int:
+        if str(name).startswith("/proc/self/fd/"):
+            raise PermissionError(13, "hidden by the sandbox")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(image, "DECODE_FROM_FD", True)
+    monkeypatch.setattr(image, "_fd_names", None)
+    monkeypatch.setattr(os, "open", no_proc)
+    monkeypatch.setattr(image, "_decode_file", None)  # must not be called
+    path = write_png(tmp_path / "a.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    np.testing.assert_array_equal(read_channel(path).pixels, np.arange(64).reshape(8, 8))
+    assert image._fd_names is False
+
+
 def test_a_file_that_changes_while_it_is_read_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

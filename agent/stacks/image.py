@@ -9,8 +9,9 @@ always describes what was analysed.
 Memory: only the decoded pixels are held, never the file's bytes. On Linux OpenCV decodes
 the open file itself (through /proc/self/fd) into an array numpy owns, so a channel costs its
 decoded size once (OpenCV >= 4.10; older versions make one more copy on the way to numpy);
-elsewhere the bytes are read once, hashed and decoded from memory as before. `decode_cost`
-says how much a channel may take, for `agent.stacks.budget`.
+elsewhere, or where a sandbox hides /proc/self/fd, the bytes are read once, hashed and
+decoded from memory as before. `decode_cost` says how much a channel may take, for
+`agent.stacks.budget`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def _opencv_version() -> tuple[int, int]:
 DECODE_INTO = _opencv_version() >= (4, 10)
 # Decode the open file through its descriptor (Linux), instead of from its bytes in memory.
 DECODE_FROM_FD = os.path.isdir("/proc/self/fd")
+_fd_names: bool | None = None  # whether /proc/self/fd/N opens here: found on the first file
 
 
 @dataclass(frozen=True)
@@ -121,14 +123,15 @@ class ChannelFile:
         handle.seek(0)
         digest = hashlib.sha256()
         data = b""
-        if DECODE_FROM_FD:
+        from_fd = DECODE_FROM_FD and _fd_names_open(handle.fileno())
+        if from_fd:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(chunk)
         else:
             data = handle.read(self.size + 1)
             digest.update(data)
         try:
-            if DECODE_FROM_FD:
+            if from_fd:
                 pixels = _decode_file(f"/proc/self/fd/{handle.fileno()}", self.header)
             else:
                 pixels = _decode_bytes(data, self.header)
@@ -200,6 +203,19 @@ def _open(path: Path) -> BinaryIO:
     except OSError as exc:
         raise StackError("unreadable", f"cannot be read: {exc.strerror or exc}", path) from None
     return handle
+
+
+def _fd_names_open(fd: int) -> bool:
+    """Whether the open file can be reopened by its /proc/self/fd name (once per process; a
+    sandbox that hides it gets the decode from memory instead of a `corrupt` for every file)."""
+    global _fd_names
+    if _fd_names is None:
+        try:
+            os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+            _fd_names = True
+        except OSError:
+            _fd_names = False
+    return _fd_names
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:
