@@ -274,6 +274,7 @@ class Container:
             ["tar", "-C", str(self.root), "--numeric-owner", "-xpf", str(self.tarball)], check=True
         )
         init = self.path(INIT)
+        init.parent.mkdir(parents=True, exist_ok=True)
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
         self.cgroups = own_cgroups(self.name)
