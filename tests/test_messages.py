@@ -121,3 +121,21 @@ def test_log_lines_never_span_two_lines() -> None:
     line = format_event("error", "stack_failed", {"message": "bad\nname\x1b[31m"})
     assert "\n" not in line
     assert parse_line(line)["message"] == "bad\nname\x1b[31m"
+
+
+def test_a_library_warning_becomes_one_structured_line() -> None:
+    import io
+    import logging
+
+    from agent.service import log
+
+    out = io.StringIO()
+    log.setup("info", out)
+    logging.getLogger("watchdog.observers.inotify").error("queue_events() called when %s", "inactive")
+    (line,) = out.getvalue().splitlines()
+    assert log.parse_line(line) == {
+        "level": "error",
+        "event": "library_log",
+        "logger": "watchdog.observers.inotify",
+        "message": "queue_events() called when inactive",
+    }

@@ -16,12 +16,29 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def setup(level: str = "info", stream: Any = None) -> None:
-    """Send the agent's events to `stream` (stdout) as bare lines; journald adds the time."""
+    """Send the agent's events to `stream` (stdout) as bare lines; journald adds the time.
+    Warnings that libraries log through `logging` (e.g. watchdog's observer) become
+    `library_log` events, so every line in the journal still splits into its pairs."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(LEVELS[level])
     LOGGER.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _Library)] + [_Library()]
+    root.setLevel(logging.WARNING)
+
+
+class _Library(logging.Handler):
+    """A library's log record as one structured event line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not break logging
+            message = str(record.msg)
+        event("library_log", level, logger=record.name, message=message)
 
 
 def format_event(level: str, name: str, fields: dict[str, Any]) -> str:
