@@ -52,6 +52,11 @@ COMMANDS: dict[str, Command] = {
     "listen": Command(
         "agent.tools.listen", "print results arriving from devices over MQTT, as a table", "agent"
     ),
+    "dashboard": Command(
+        "agent.tools.dashboard",
+        "a live web page of every instrument's results, status and errors, with Prometheus metrics",
+        "agent",
+    ),
     "collect": Command(
         "agent.tools.collect",
         "store every instrument's results, errors and status from MQTT in SQLite or PostgreSQL",

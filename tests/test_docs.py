@@ -161,7 +161,7 @@ def test_the_node_red_flow_parses_and_reads_fields_the_results_carry() -> None:
 
 
 def test_the_home_assistant_example_parses_and_reads_published_fields() -> None:
-    (block,) = code_blocks(DOCS / "dashboards.md", "yaml")
+    (block,) = [b for b in code_blocks(DOCS / "dashboards.md", "yaml") if b.startswith("mqtt:")]
     config = yaml.safe_load(block)["mqtt"]
     fields = set(SCHEMA["$defs"]["result"]["properties"]) | set(SCHEMA["$defs"]["stats"]["properties"])
     for sensor in config["sensor"]:
@@ -183,3 +183,34 @@ def test_grafana_fields_named_in_the_docs_exist() -> None:
     assert (
         named - {"json_string_fields", "data_format", "stack_id", "mqtt_consumer", "stats_interval"} <= fields
     )
+
+
+def test_the_prometheus_section_names_every_metric_the_dashboard_serves() -> None:
+    from agent.tools.dashboard import State
+
+    state = State()
+    prefix = "hpa-edge/scope1"
+    state.handle(f"{prefix}/status", b"online")
+    state.handle(
+        f"{prefix}/stats", json.dumps({"kind": "stats", "instrument": "scope1", "processed": 1}).encode()
+    )
+    served = set(re.findall(r"^# TYPE (\w+) ", state.metrics(), re.M))
+    text = section((DOCS / "dashboards.md").read_text(), "## Prometheus")
+    documented = set(re.findall(r"`(hpa_edge_\w+)`", text))
+    assert served == documented
+    (scrape,) = [b for b in code_blocks(DOCS / "dashboards.md", "yaml") if "scrape_configs" in b]
+    assert yaml.safe_load(scrape)["scrape_configs"][0]["static_configs"][0]["targets"] == ["localhost:8088"]
+
+
+def test_the_dashboard_options_in_the_docs_are_its_options() -> None:
+    import argparse
+
+    from agent.tools.dashboard import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = {o for action in parser._actions for o in action.option_strings} - {"-h", "--help"}
+    text = section((DOCS / "dashboards.md").read_text(), "## The live web page: `hpa-edge dashboard`")
+    table = " ".join(row[0] for row in table_rows(text))
+    documented = set(re.findall(r"`(--[a-z-]+)", table))
+    assert options == documented
