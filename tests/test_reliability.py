@@ -237,6 +237,32 @@ def test_a_stack_that_fails_unexpectedly_on_every_attempt_fails_for_good_once(
     assert len(tries) == agent.breaker.per_stack
 
 
+def test_a_stack_whose_file_changed_while_it_was_read_is_taken_again_once_it_settles(
+    tmp_path, broker, subscriber, demo_bundle, stacks
+):
+    """`changed` is about a writer still busy, not about the bytes: no error, a result later."""
+    from agent.stacks.errors import StackError
+
+    config = config_for(tmp_path, broker.port, {"watch": {"settle_seconds": 0.3}})
+    with running(config, demo_bundle) as agent:
+        assert agent.pipeline is not None
+        pipeline = agent.pipeline
+        prepare = pipeline.prepare
+        calls: list[str] = []
+
+        def changing_once(stack_id: str, paths: Any) -> Any:
+            calls.append(stack_id)
+            if len(calls) == 1:
+                return pipeline.failure(stack_id, paths, StackError("changed", "file changed while read"))
+            return prepare(stack_id, paths)
+
+        pipeline.prepare = changing_once  # type: ignore[method-assign]
+        drop(stacks["a"], config.watch.folder, "w")
+        assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
+    assert errors(subscriber) == []
+    assert calls == ["w", "w"]
+
+
 def test_a_stack_the_process_died_on_twice_is_set_aside_as_crashed(
     tmp_path, broker, subscriber, demo_bundle, stacks
 ):

@@ -62,6 +62,7 @@ from agent.stacks.labels import CHANNELS
 STATE_RETRY_SECONDS = 5.0
 MOVE_RETRY_SECONDS = 10.0  # a stack whose files could not be moved is left alone this long
 CRASH_LIMIT = 2  # deaths of the process while a stack was in flight before it is set aside
+CHANGING_TRIES = 5  # a stack whose files change while read is taken again this often, then fails
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Agent:
         self._database_inode: int | None = None
         self._folder_inode: int | None = None
         self._folder_lost = False
+        self._changing: dict[str, int] = {}  # stack id -> times a file changed while it was read
         self._remnant_retry: dict[str, float] = {}  # remnant file -> when its failed move may be retried
 
     # Start and stop ---------------------------------------------------------------------
@@ -483,9 +485,36 @@ class Agent:
             key = f"{life.stack_id}:{_signature(life)}"
             if isinstance(analysis, Unexpected):
                 self._unexpected(life, key, analysis)
+            elif self._still_changing(life, analysis):
+                continue
             else:
                 self.breaker.succeeded(key)
+                self._changing.pop(life.stack_id, None)
                 self.book.analysed(life.stack_id, life.names, analysis)
+
+    def _still_changing(self, life: StackLife, analysis: Analysis) -> bool:
+        """A file that changed while it was read is still being written, not bad: the stack is
+        looked at again once it settles; a file that never stops changing fails after a while."""
+        if analysis.kind != "failed" or analysis.document.get("code") != "changed":
+            return False
+        tries = self._changing[life.stack_id] = self._changing.get(life.stack_id, 0) + 1
+        if tries > CHANGING_TRIES:
+            return False
+        now = self.clock()
+        self.book.deferred(life.stack_id, now + self.config.watch.settle_seconds)
+        log.event(
+            "stack_changing",
+            "warning",
+            stack=life.stack_id,
+            message=analysis.document["message"],
+            retry_s=self.config.watch.settle_seconds,
+        )
+        assert self.recorder is not None
+        try:
+            self.recorder.ledger.attempts_ended([life.stack_id])
+        except StateError as exc:
+            self._state_trouble("state_write_failed", exc, now)
+        return True
 
     def _unexpected(self, life: StackLife, key: str, failure: Unexpected) -> None:
         """Tried again after a pause, a few times; then it fails for good (see `breaker`)."""
