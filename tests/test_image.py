@@ -330,3 +330,16 @@ def test_the_decode_cost_is_known_from_the_header(tmp_path: Path) -> None:
         assert a.decode_cost() >= a.header.decoded_bytes
         assert b.decode_cost() >= 2 * b.header.decoded_bytes
         assert a.read().pixels.shape == (300, 200)
+
+
+def test_a_symbolic_link_is_refused_at_the_open_itself(tmp_path: Path) -> None:
+    """Not only by a check before opening: a link swapped in after the agent looked is refused too."""
+    from agent.stacks.image import _open
+
+    target = tmp_path / "real.png"
+    target.write_bytes(b"\x89PNG")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    with pytest.raises(StackError) as refused:
+        _open(link)
+    assert refused.value.code == "symlink"

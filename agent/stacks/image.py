@@ -16,6 +16,7 @@ decoded from memory as before. `decode_cost` says how much a channel may take, f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -192,8 +193,11 @@ def read_channel(path: Path, limits: Limits = Limits()) -> Channel:
 
 
 def _open(path: Path) -> BinaryIO:
+    """Open for reading, refusing a symbolic link at the open itself (O_NOFOLLOW), so a link
+    put in place after the agent looked is not followed either."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115  (closed by open_channel)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        handle = os.fdopen(fd, "rb")
     except FileNotFoundError:
         raise StackError("missing_file", "file does not exist", path) from None
     except PermissionError:
@@ -201,6 +205,9 @@ def _open(path: Path) -> BinaryIO:
     except IsADirectoryError:
         raise StackError("not_a_file", "is a directory, not an image file", path) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            message = "is a symbolic link; the agent reads only regular files"
+            raise StackError("symlink", message, path) from None
         raise StackError("unreadable", f"cannot be read: {exc.strerror or exc}", path) from None
     return handle
 
