@@ -154,10 +154,25 @@ def test_the_node_red_flow_parses_and_reads_fields_the_results_carry() -> None:
     assert mqtt_in["topic"] == "hpa-edge/+/results"
     assert mqtt_in["datatype"] == "json"
     function = next(node for node in flow if node["type"] == "function")
-    used = set(re.findall(r"(?:msg\.payload|r)\.([a-z_]+)", function["func"]))
+    used = set(re.findall(r"\b(?:msg\.payload|r)\.([a-z_]+)", function["func"]))
     assert used <= set(SCHEMA["$defs"]["result"]["properties"])
     ids = {node["id"] for node in flow}
     assert all(target in ids for node in flow for wire in node.get("wires", []) for target in wire)
+    # a flows file (headless Node-RED) runs only nodes on a tab; the editor imports the tab with them
+    (tab,) = [node for node in flow if node["type"] == "tab"]
+    assert all(node.get("z") == tab["id"] for node in flow if node["type"] not in ("tab", "mqtt-broker"))
+    # nothing lost while Node-RED is down: a persistent session that outlives a restart
+    (broker,) = [node for node in flow if node["type"] == "mqtt-broker"]
+    assert broker["clientid"]
+    assert broker["cleansession"] is False
+    assert broker["autoUnsubscribe"] is False
+    assert int(broker["sessionExpiry"]) >= 3600
+    assert mqtt_in["qos"] == "1"
+    # de-duplication survives a restart, and the structured result stays the payload
+    assert "'file')" in function["func"]
+    assert "msg.payload =" not in function["func"]
+    (settings,) = code_blocks(DOCS / "dashboards.md", "js")
+    assert 'file: { module: "localfilesystem"' in settings
 
 
 def test_the_home_assistant_example_parses_and_reads_published_fields() -> None:
