@@ -32,6 +32,11 @@ COMMANDS: dict[str, Command] = {
         "export.features.embed", "compute and cache backbone embeddings of a labelled data set", "export"
     ),
     "auc": Command("export.training.auc", "compare embedding caches by cross-validated ROC AUC", "export"),
+    "features-compare": Command(
+        "export.training.features_compare",
+        "compare candidate feature recipes by cross-validated ROC AUC on a small labelled set",
+        "export",
+    ),
     "export": Command(
         "export.conversion.make_bundle", "turn a trained model into a verified model bundle", "export"
     ),

@@ -261,3 +261,41 @@ def test_the_manifest_carries_the_image_quality_reference_of_the_training_stacks
     assert reference["stacks"] == 20  # the calibration stacks
     assert set(reference["figures"]) >= {"focus", "nucleus_fraction", "brightness_green"}
     assert quality.assess({"focus": 1.0}, reference) is not None  # the agent's checks read it
+
+
+def test_a_bundle_without_a_features_entry_is_todays_recipe(tmp_path: Path) -> None:
+    folder = _copy(REPO / "models" / "demo", tmp_path)
+    assert "features" not in json.loads((folder / "manifest.json").read_text())
+    bundle = load_bundle(folder)
+    assert (bundle.features.name, bundle.features.version) == ("lite0-gap", 1)
+    assert bundle.golden is not None
+    assert bundle.golden.labels_identical
+
+
+def test_a_bundle_that_names_todays_recipe_with_its_layout_loads(tmp_path: Path) -> None:
+    from agent.model.features import recipe
+
+    folder = _copy(REPO / "models" / "demo", tmp_path)
+    _edit_manifest(folder, {"features": recipe("lite0-gap", 1).entry(1280)})
+    assert load_bundle(folder).features.name == "lite0-gap"
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"name": "lite0-region", "version": 1}, r"manifest\.json: unknown feature recipe 'lite0-region'"),
+        ({"name": "lite0-gap", "version": 7}, "'lite0-gap' version 7 is unknown to this agent"),
+        ({"name": "hand-rgb", "version": 1, "params": {}}, r"hand-rgb v1: the manifest's params \{\} differ"),
+        ("hand-rgb", r"hand-rgb v1 gives 44 values \(embedder 1280\), classifiers take 1280"),
+    ],
+)
+def test_a_feature_recipe_this_agent_does_not_know_or_cannot_feed_is_refused(
+    tmp_path: Path, features: dict[str, object] | str, message: str
+) -> None:
+    from agent.model.features import recipe
+
+    folder = _copy(REPO / "models" / "demo", tmp_path)
+    entry = recipe(features).entry(1280) if isinstance(features, str) else features
+    _edit_manifest(folder, {"features": entry})
+    with pytest.raises(BundleError, match=message):
+        load_bundle(folder)

@@ -7,7 +7,10 @@ must give). `load_bundle` refuses a bundle, before anything runs on real data, w
 - a listed file is missing or its sha256 differs (one changed byte is enough);
 - its labels are not the 28 locations in order, or the models' shapes disagree with them;
 - the golden inputs, run here, miss their outputs beyond the stated tolerances (catches a
-  runtime version, CPU architecture or preprocessing change that alters answers).
+  runtime version, CPU architecture or preprocessing change that alters answers);
+- its feature recipe (the optional `features` entry: name, version, params, layout) is not
+  one this agent knows (`agent.model.features`), or does not fit the preprocessing or the
+  models' shapes. A manifest without `features` is an older bundle: recipe `lite0-gap` v1.
 The published JSON Schema of the manifest is `models/manifest.schema.json`; this module
 checks what the device relies on without needing a schema library. No pickle is ever read.
 """
@@ -21,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.model import features as feature_recipes
 from agent.model import thresholds as threshold_rule
+from agent.model.features import FeatureError, Recipe
 from agent.model.novelty import NoveltyReference
 from agent.model.review import Trust
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
@@ -69,6 +74,12 @@ class Bundle:
     sha256: str  # of manifest.json, which pins every other file by hash
     golden: GoldenCheck | None = None
     trust: Trust = field(default_factory=Trust)
+    features: Recipe = feature_recipes.DEFAULT  # embedder output -> the classifiers' input
+
+    @property
+    def n_features(self) -> int:
+        """Length of the vector the classifiers take (the recipe's layout)."""
+        return int(self.classifier.n_features)
 
     @property
     def purpose(self) -> str:
@@ -80,7 +91,11 @@ class Bundle:
         return f"{self.manifest['backbone']['name']}-{self.manifest['quantization']}-{self.sha256[:12]}"
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier(self.embedder(images))
+        return self.classifier(self.feature_vectors(images, self.embedder(images)))
+
+    def feature_vectors(self, images: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """The classifiers' input for preprocessed images and their embeddings: the recipe's one function."""
+        return self.features(images, embeddings)
 
     def labels_for(self, probabilities: np.ndarray) -> np.ndarray:
         """N x 28 booleans, by the bundle's thresholds (the rule itself: `agent.model.thresholds`)."""
@@ -153,9 +168,16 @@ def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bu
         raise BundleError(
             f"{folder}: embedder takes {embedder.size} px but preprocessing makes {preprocessing.size}"
         )
-    if embedder.dim != classifier.n_features:
+    try:
+        recipe = feature_recipes.from_manifest(manifest.get("features"), embedder.dim)
+        recipe.check_slots(preprocessing.slots)
+    except FeatureError as exc:
+        raise BundleError(f"{folder / MANIFEST}: {exc}") from None
+    width = recipe.width(embedder.dim)
+    if width != classifier.n_features:
         raise BundleError(
-            f"{folder}: embedder gives {embedder.dim} values, classifiers take {classifier.n_features}"
+            f"{folder}: feature recipe {recipe.name} v{recipe.version} gives {width} values "
+            f"(embedder {embedder.dim}), classifiers take {classifier.n_features}"
         )
     if classifier.n_outputs != len(LOCATIONS):
         raise BundleError(
@@ -170,6 +192,7 @@ def load_bundle(folder: Path, threads: int = 2, check_golden: bool = True) -> Bu
         classifier=classifier,
         sha256=file_sha256(folder / MANIFEST),
         trust=read_trust(folder, manifest, classifier.n_features),
+        features=recipe,
     )
     if check_golden:
         bundle.golden = run_golden(bundle)
@@ -226,7 +249,7 @@ def run_golden(bundle: Bundle) -> GoldenCheck:
         raise BundleError(f"{path}: unreadable golden vectors: {exc}") from None
     tolerance = bundle.manifest["golden"]
     got_embeddings = bundle.embedder(images)
-    got = bundle.classifier(got_embeddings)
+    got = bundle.classifier(bundle.feature_vectors(images, got_embeddings))
     similarity = float(np.min(cosine(got_embeddings, embeddings)))
     difference = float(np.max(np.abs(got - probabilities)))
     same_labels = bool((bundle.labels_for(got) == bundle.labels_for(probabilities)).all())

@@ -1,9 +1,9 @@
 """One stack from its files to what the agent will say about it: a result or an error.
 
 decode, image-quality figures and preprocess, one channel at a time
-(`agent.stacks.stack.read_reduced`, with `quality` and `preprocess`) -> embed and classify (the
-bundle's runtimes) -> thresholds (`Bundle.labels_for`) -> the review flag (`review`) -> the
-document (`messages`).
+(`agent.stacks.stack.read_reduced`, with `quality` and `preprocess`) -> embed, the bundle's
+feature recipe (`agent.model.features`) and classify (the bundle's runtimes) -> thresholds
+(`Bundle.labels_for`) -> the review flag (`review`) -> the document (`messages`).
 Nothing here writes to disk or the network, and nothing here decides where files go: it
 returns an `Analysis` that the service records and then acts on, so the same code serves the
 agent, `hpa-edge predict` and the benchmark. `prepare` (decode and preprocess: OpenCV and
@@ -112,7 +112,10 @@ class Pipeline:
         """Embed, classify, apply the thresholds and write the result document."""
         stack, started, decoded, prepared = ready.stack, ready.started, ready.decoded, ready.prepared
         stack_id = stack.stack_id
-        embedding = self.bundle.embedder(ready.image[None])
+        images = ready.image[None]
+        # The bundle's feature recipe (`agent.model.features`) turns the embedding into the
+        # classifiers' input; its time counts as embedding.
+        embedding = self.bundle.feature_vectors(images, self.bundle.embedder(images))
         embedded = time.perf_counter()
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]

@@ -1,0 +1,281 @@
+"""`hpa-edge features-compare`: which feature recipe carries the location signal, on real stacks.
+
+For a small labelled set (the 101 real HPA stacks in ../shared/hpa-real), every candidate
+feature set is computed once per stack, then scored by repeated stratified k-fold
+cross-validated ROC AUC for every location with at least `--min-positives` positives, with the
+same Extra-Trees for all (`export.training.forests`, 200 trees of 24 leaves, as `hpa-edge auc`).
+A reduction (standardise + PCA) is fitted inside each training fold only (nested), never on
+the held-out rows. The table gives per location the mean over repeats and its standard
+deviation over repeats (which is NOT the sampling error: with ~100 stacks one AUC is about
++-0.06 whatever the repeats say).
+
+Candidates (the Lite0 backbone is the float Keras rebuild with the ImageNet weights):
+- `gap224`: today's default, Lite0 224 px red/green/blue, global average pool (1280);
+- `gap224-green`: the same with the green channel in all three slots (a green-only view);
+- `hand45`: the 45 hand features of `export.training.baseline` (4 channels, 256 px);
+- `hand-rgb`: the agent's recipe `hand-rgb` v1 (`agent.model.features`, 44, from the 224 px
+  image the device already has);
+- `rp-last-224` / `rp-last-512`: the last feature map (1280 channels) averaged inside the
+  nucleus mask (Otsu on blurred blue), outside it, and the difference (3840);
+- `rp-b10-512`: the same for block 10's output (112 channels, stride 16; 336);
+- `rp3-last-512`: last map averaged in nucleus, cytoplasm and outside the cells (cell mask:
+  Otsu on blurred red + yellow + blue) (3840);
+- combinations: `A+pca16(B)` concatenates A with 16 principal components of B fitted in-fold.
+
+Feature matrices are cached in `--cache` (an npz) so a rerun only refits the forests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.model.features import hand_features, nucleus_mask, otsu, region_pool
+from agent.stacks.errors import StackError
+from agent.stacks.labels import LOCATIONS
+from agent.stacks.preprocess import BitDepth, Preprocessing, parse_slots, preprocess, to_uint8
+from export.data.dataset import Dataset, DatasetError
+from export.training.auc import roc_auc, stratified_binary_folds
+from export.training.baseline import features as baseline_features
+from export.training.folds import out_of_fold
+from export.training.forests import ForestSettings, fit_forests, predict_scores
+
+BLOCK10 = "blocks.10.add"  # stage 5's last block: 112 channels at stride 16
+LAST = "bn1.relu6"  # the head: 1280 channels at stride 32, before the global pool
+
+# Candidate sets: name -> (kept parts, parts reduced by PCA inside the folds)
+CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "gap224": (("gap224",), ()),
+    "gap224-green": (("gap224-green",), ()),
+    "hand45": (("hand45",), ()),
+    "hand-rgb": (("hand-rgb",), ()),
+    "rp-last-224": (("rp-last-224",), ()),
+    "rp-last-512": (("rp-last-512",), ()),
+    "rp-b10-512": (("rp-b10-512",), ()),
+    "rp3-last-512": (("rp3-last-512",), ()),
+    "hand-rgb+gap224": (("hand-rgb", "gap224"), ()),
+    "hand-rgb+pca16(gap224)": (("hand-rgb",), ("gap224",)),
+    "hand-rgb+pca16(rp-last-224)": (("hand-rgb",), ("rp-last-224",)),
+    "hand45+pca16(rp-b10-512)": (("hand45",), ("rp-b10-512",)),
+    "hand45+pca16(rp-last-512)": (("hand45",), ("rp-last-512",)),
+}
+COMPONENTS = 16
+
+
+def feature_parts(dataset: Dataset, batch: int = 8) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Every part named in CANDIDATES for every readable stack: ids, labels, part -> N x F."""
+    from export.features.backbones import LITE0_NORMALISATION, lite0_model, lite0_state, lite0_weights_path
+
+    models = {}
+    for size in (224, 512):
+        import keras
+
+        full = lite0_model(lite0_state(lite0_weights_path()), size, False, LITE0_NORMALISATION)
+        models[size] = keras.Model(full.input, [full.get_layer(BLOCK10).output, full.get_layer(LAST).output])
+    rgb = {size: Preprocessing(size=size) for size in (224, 512)}
+    green = Preprocessing(size=224, slots=parse_slots("green,green,green"))
+    ids: list[str] = []
+    keep: list[int] = []
+    parts: dict[str, list[np.ndarray]] = {}
+    pending: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+
+    def add(name: str, row: np.ndarray) -> None:
+        parts.setdefault(name, []).append(np.asarray(row, dtype=np.float32))
+
+    def flush() -> None:
+        for size in (224, 512):
+            images = np.stack([p[1][f"rgb{size}"] for p in pending]).astype(np.float32)
+            block10, last = (np.asarray(m) for m in models[size].predict_on_batch(images))
+            for i, (masks, _) in enumerate(pending):
+                if size == 224:
+                    add("gap224", last[i].mean(axis=(0, 1)))
+                    add("rp-last-224", region_pool(last[i], masks["nucleus"]))
+                else:
+                    add("rp-last-512", region_pool(last[i], masks["nucleus"]))
+                    add("rp-b10-512", region_pool(block10[i], masks["nucleus"]))
+                    add("rp3-last-512", _pool3(last[i], masks))
+        images = np.stack([p[1]["green224"] for p in pending]).astype(np.float32)
+        _, last = (np.asarray(m) for m in models[224].predict_on_batch(images))
+        for i in range(len(pending)):
+            add("gap224-green", last[i].mean(axis=(0, 1)))
+        pending.clear()
+
+    for i, (sample, stack) in enumerate(dataset.stacks()):
+        if isinstance(stack, StackError):
+            print(f"features-compare: skipped {sample.stack_id}: {stack}", file=sys.stderr)
+            continue
+        ids.append(sample.stack_id)
+        keep.append(i)
+        channels = stack.channels
+        add("hand45", baseline_features(channels))
+        images = {
+            "rgb224": preprocess(channels, rgb[224]),
+            "rgb512": preprocess(channels, rgb[512]),
+            "green224": preprocess(channels, green),
+        }
+        add("hand-rgb", hand_features(images["rgb224"]))
+        pending.append((_masks(channels), images))
+        if len(pending) == batch:
+            flush()
+    if pending:
+        flush()
+    y = dataset.label_matrix()[keep]
+    return ids, y, {name: np.stack(rows) for name, rows in parts.items()}
+
+
+def _masks(channels: Mapping[str, np.ndarray], size: int = 256) -> dict[str, np.ndarray]:
+    """Nucleus (Otsu on blurred blue) and cell (Otsu on blurred red + yellow + blue) at 256 px."""
+    import cv2
+
+    small = {
+        c: cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+        for c, p in to_uint8(channels, BitDepth()).items()
+    }
+    nucleus = nucleus_mask(small["blue"])
+    cell = otsu(cv2.GaussianBlur(small["red"] + small["yellow"] + small["blue"], (0, 0), 3)) | nucleus
+    return {"nucleus": nucleus, "cell": cell}
+
+
+def _pool3(maps: np.ndarray, masks: dict[str, np.ndarray]) -> np.ndarray:
+    """Means of a map in nucleus, cytoplasm and outside the cells (3C)."""
+    import cv2
+
+    h, w = maps.shape[:2]
+    flat = maps.reshape(h * w, -1).astype(np.float64)
+    out = []
+    for mask in (masks["nucleus"], masks["cell"] & ~masks["nucleus"], ~masks["cell"]):
+        share = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA).ravel()
+        out.append(share @ flat / share.sum() if share.sum() > 1e-6 else np.zeros(flat.shape[1]))
+    return np.concatenate(out).astype(np.float32)
+
+
+def pca_reducer(components: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Standardise + PCA fitted on the fit rows only; returns (fit rows, held rows) reduced."""
+
+    def reduce(fit: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = fit.mean(axis=0), fit.std(axis=0) + 1e-6
+        a, b = (fit - mean) / std, (held - mean) / std
+        _, _, vt = np.linalg.svd(a, full_matrices=False)
+        basis = vt[:components].T
+        return a @ basis, b @ basis
+
+    return reduce
+
+
+def candidate_auc(
+    parts: dict[str, np.ndarray],
+    kept: tuple[str, ...],
+    reduced: tuple[str, ...],
+    y: np.ndarray,
+    locations: list[int],
+    folds: int,
+    repeats: int,
+    settings: ForestSettings,
+) -> np.ndarray:
+    """repeats x locations out-of-fold ROC AUC of one candidate (reduction fitted in-fold)."""
+    x_kept = np.concatenate([parts[p] for p in kept], axis=1)
+    width = x_kept.shape[1]
+    x = np.concatenate([x_kept, *[parts[p] for p in reduced]], axis=1) if reduced else x_kept
+    reduce = pca_reducer(COMPONENTS)
+
+    def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+        if reduced:
+            r_fit, r_held = reduce(x_fit[:, width:], x_held[:, width:])
+            x_fit = np.concatenate([x_fit[:, :width], r_fit], axis=1)
+            x_held = np.concatenate([x_held[:, :width], r_held], axis=1)
+        return predict_scores(fit_forests(x_fit, y_fit, settings), x_held)
+
+    out = np.zeros((repeats, len(locations)))
+    for li, j in enumerate(locations):
+        rng = np.random.default_rng(settings.seed + j)  # the same folds for every candidate
+        column = y[:, j].astype(bool)
+        for r in range(repeats):
+            fold = stratified_binary_folds(column, folds, rng)
+            scores = out_of_fold(fit_predict, x, column[:, None], fold)[:, 0]
+            out[r, li] = roc_auc(column, scores)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder with the channel files")
+    parser.add_argument("--labels", type=Path, help="Id,Target label file (default: DATA/labels.csv)")
+    parser.add_argument(
+        "--cache", type=Path, help="npz of the feature matrices (read if present, else written)"
+    )
+    parser.add_argument(
+        "--candidates", nargs="+", choices=sorted(CANDIDATES), help="(default: all, in the table's order)"
+    )
+    parser.add_argument("--min-positives", type=int, default=8, help="locations scored (default 8)")
+    parser.add_argument("--folds", type=int, default=5, help="(default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats with new folds (default 3)")
+    parser.add_argument("--trees", type=int, default=200, help="trees per forest (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed.*")
+    started = time.perf_counter()
+    try:
+        if args.cache and args.cache.is_file():
+            with np.load(args.cache, allow_pickle=False) as data:
+                ids, y = data["ids"].tolist(), data["y"]
+                parts = {k.removeprefix("part:"): data[k] for k in data.files if k.startswith("part:")}
+        else:
+            dataset = Dataset(args.data, args.labels or args.data / "labels.csv")
+            ids, y, parts = feature_parts(dataset)
+            if args.cache:
+                arrays: dict[str, Any] = {f"part:{k}": v for k, v in parts.items()}
+                np.savez(args.cache, ids=np.asarray(ids), y=y, **arrays)
+    except DatasetError as exc:
+        print(f"hpa-edge features-compare: {exc}", file=sys.stderr)
+        return 2
+    featured = time.perf_counter()
+    locations = [j for j in range(y.shape[1]) if y[:, j].sum() >= args.min_positives]
+    settings = ForestSettings(trees=args.trees, seed=args.seed)
+    names = args.candidates or list(CANDIDATES)
+    header = " | ".join(f"{LOCATIONS[j]} ({int(y[:, j].sum())})" for j in locations)
+    print(
+        f"{len(ids)} stacks; ROC AUC, mean ± std over {args.repeats} repeats of stratified "
+        f"{args.folds}-fold CV; Extra-Trees {args.trees} trees x {settings.max_leaf_nodes} leaves"
+    )
+    print(f"| features | dim | {header} | mean of {len(locations)} |")
+    print("|" + " --- |" * (3 + len(locations)))
+    results: dict[str, Any] = {}
+    for name in names:
+        kept, reduced = CANDIDATES[name]
+        auc = candidate_auc(parts, kept, reduced, y, locations, args.folds, args.repeats, settings)
+        dim = sum(parts[p].shape[1] for p in kept) + (COMPONENTS if reduced else 0)
+        mean, std = auc.mean(axis=0), auc.std(axis=0)
+        overall = auc.mean(axis=1)
+        cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std, strict=True)]
+        print(
+            f"| {name} | {dim} | {' | '.join(cells)} | {overall.mean():.3f} ± {overall.std():.3f} |",
+            flush=True,
+        )
+        results[name] = {
+            "dim": dim,
+            "per_location": {LOCATIONS[j]: auc[:, i].tolist() for i, j in enumerate(locations)},
+            "mean": overall.tolist(),
+        }
+    elapsed = time.perf_counter() - started
+    print(f"features {featured - started:.0f} s, forests {elapsed - (featured - started):.0f} s")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"stacks": len(ids), "repeats": args.repeats, "folds": args.folds, "results": results},
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+    return 0

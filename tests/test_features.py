@@ -1,0 +1,112 @@
+"""Feature recipes (`agent.model.features`): the registry, the manifest entry and the numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agent.model import features
+from agent.model.features import FeatureError, from_manifest, hand_features, recipe, region_pool
+from agent.stacks.preprocess import DEFAULT_SLOTS, Preprocessing, parse_slots, preprocess
+
+
+def _images(n: int = 2, size: int = 96) -> np.ndarray:
+    from export.data.cells import paint_stack
+
+    rng = np.random.default_rng(0)
+    prep = Preprocessing(size=size)
+    return np.stack([preprocess(paint_stack(rng, (i, 25), size=128, depth=8), prep) for i in range(n)])
+
+
+def test_a_manifest_without_features_is_todays_recipe() -> None:
+    found = from_manifest(None)
+    assert (found.name, found.version) == ("lite0-gap", 1)
+    embeddings = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(found(np.zeros((2, 8, 8, 3), np.uint8), embeddings), embeddings)
+    assert found.width(1280) == 1280
+
+
+def test_the_manifest_entry_names_every_parameter_and_the_layout() -> None:
+    entry = recipe("lite0-gap+hand-rgb").entry(1280)
+    json.dumps(entry)  # plain JSON
+    assert (entry["name"], entry["version"]) == ("lite0-gap+hand-rgb", 1)
+    assert entry["params"]["dog_sigmas"] == [0.8, 1.5, 3.0, 6.0]
+    layout = entry["layout"]
+    assert layout[0] == {"name": "embedding", "start": 0, "length": 1280, "what": layout[0]["what"]}
+    starts = [part["start"] for part in layout]
+    assert starts == sorted(starts)
+    assert layout[-1]["start"] + layout[-1]["length"] == 1280 + 44
+    assert from_manifest(entry, 1280) is recipe("lite0-gap+hand-rgb", 1)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "lite0-region", "version": 1}, r"unknown feature recipe 'lite0-region' \(this agent knows"),
+        ({"name": "lite0-gap", "version": 2}, r"'lite0-gap' version 2 is unknown to this agent"),
+        ({"name": "lite0-gap", "version": "1"}, "version must be an integer"),
+        ({"version": 1}, "name and version"),
+        ({"name": "hand-rgb", "version": 1, "params": {"nucleus_blur": 3.0}}, "params .* differ"),
+    ],
+)
+def test_an_unknown_or_altered_recipe_is_refused(entry: dict[str, object], message: str) -> None:
+    with pytest.raises(FeatureError, match=message):
+        from_manifest(entry, 1280)
+
+
+def test_a_layout_that_is_not_what_this_agent_computes_is_refused() -> None:
+    entry = recipe("lite0-gap").entry(1280)
+    with pytest.raises(FeatureError, match="layout differs"):
+        from_manifest(entry, 640)
+
+
+def test_hand_features_need_red_green_blue_in_their_slots() -> None:
+    hand = recipe("hand-rgb")
+    hand.check_slots(DEFAULT_SLOTS)
+    with pytest.raises(FeatureError, match="reads green from input slot 1"):
+        hand.check_slots(parse_slots("red,green+yellow,blue"))
+    recipe("lite0-gap").check_slots(parse_slots("green,green,green"))  # reads no slot itself
+
+
+def test_hand_features_are_finite_deterministic_and_match_their_layout() -> None:
+    images = _images()
+    hand = recipe("hand-rgb")
+    x = hand(images, np.zeros((2, 1280), np.float32))
+    assert x.shape == (2, hand.width(1280)) == (2, 44)
+    assert np.isfinite(x).all()
+    assert np.array_equal(x, hand(images, np.zeros((2, 1280), np.float32)))
+    both = recipe("lite0-gap+hand-rgb")(images, np.ones((2, 1280), np.float32))
+    assert np.array_equal(both[:, 1280:], x)
+    assert (both[:, :1280] == 1).all()
+
+
+def test_hand_features_see_where_the_green_protein_sits() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48, 2] = 200  # one nucleus
+    image[8:56, 8:56, 0] = 80  # its cell
+    nuclear, cytosolic = image.copy(), image.copy()
+    nuclear[20:44, 20:44, 1] = 150
+    cytosolic[8:56, 8:56, 1] = 150
+    cytosolic[16:48, 16:48, 1] = 0
+    share_in_nucleus = 2  # the third number of the nucleus region: its share of all green
+    assert hand_features(nuclear)[share_in_nucleus] > 0.9
+    assert hand_features(cytosolic)[share_in_nucleus] < 0.1
+
+
+def test_region_pool_averages_inside_outside_and_their_difference() -> None:
+    maps = np.zeros((2, 2, 1), np.float32)
+    maps[0, 0, 0] = 4.0
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True  # exactly the top-left cell
+    assert region_pool(maps, mask).tolist() == [4.0, 0.0, 4.0]
+    assert region_pool(maps, np.zeros((8, 8), bool)).tolist() == [0.0, 1.0 * 4 / 4, -1.0]
+
+
+def test_every_registered_recipe_has_a_version_and_a_json_entry() -> None:
+    for (name, version), found in features.RECIPES.items():
+        assert (found.name, found.version) == (name, version)
+        entry = found.entry(1280)
+        assert json.loads(json.dumps(entry)) == entry
+        assert sum(part["length"] for part in entry["layout"]) == found.width(1280)
