@@ -136,13 +136,21 @@ def test_status_stats_errors_and_bad_input() -> None:
         feed(state, kind, payload)
     feed(state, "results", b"{}", prefix="")  # no prefix at all: ignored, not counted
     feed(state, "status", b"online", prefix="hpa-edge/scope2")
+    feed(
+        state, "results", result("b" * 32, instrument="scope9"), prefix="lab/floor2/scope9"
+    )  # a topic_prefix
     snap = state.snapshot()
-    scope1, scope2 = snap["instruments"]
+    scope1, scope2, scope9 = snap["instruments"]
+    assert (scope9["key"], scope9["name"], scope9["latest"]["msg_id"]) == (
+        "lab/floor2/scope9",
+        "scope9",
+        "b" * 32,
+    )
     assert (scope1["status"], scope1["degraded"]) == ("degraded", "analysis failing on every stack")
     assert scope1["stats"]["outbox_pending"] == 7
     assert scope2["status"] == "online"
     assert [row["code"] for row in snap["errors"]] == ["truncated", "corrupt"]
-    assert snap["results"] == []
+    assert [row["instrument"] for row in snap["results"]] == ["scope9"]
     parsed = metrics(state.metrics())
     assert sample(parsed, "hpa_edge_dashboard_invalid_messages_total") == 6
     assert (
@@ -256,6 +264,9 @@ def test_the_web_server_serves_its_own_page_events_metrics_and_pictures(offline_
     snapshot = json.loads(next(line for line in body.splitlines() if line.startswith(b"data: "))[6:])
     assert snapshot["results"][0]["msg_id"] == "a" * 32
     assert snapshot["broker"]["connected"] is False
+    status, headers, body = get(offline_dashboard, "/state")
+    assert (status, headers["Content-Type"]) == (200, "application/json")
+    assert json.loads(body)["results"] == snapshot["results"]
     status, headers, body = get(offline_dashboard, "/metrics")
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert sample(metrics(body.decode()), "hpa_edge_dashboard_broker_connected") == 0
@@ -372,9 +383,9 @@ def chromium(tmp_path: Path) -> Iterator[Chromium]:
     browser.close()
 
 
-def start_dashboard(port: int) -> tuple[subprocess.Popen[str], str]:
+def start_dashboard(port: int, web: int | None = None) -> tuple[subprocess.Popen[str], str]:
     """`hpa-edge dashboard` as a user starts it, on a free port; returns the process and its URL."""
-    web = free_port()
+    web = web or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "dashboard", "--broker", f"127.0.0.1:{port}", "--port", str(web)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -486,15 +497,30 @@ def test_the_page_in_chromium_shows_what_the_agent_publishes_and_survives_a_brok
             drop(stack_files(stack_source, n), config.watch.folder, "after-restart")
             assert chromium.wait_for(f"document.querySelectorAll('#results tbody tr').length === {n + 1}", 40)
             assert chromium.evaluate(PAGE_STATE)["stack"] == "after-restart"
+
+            stop_dashboard(dashboard)  # the dashboard restarts: the page says so, then reloads
+            assert chromium.wait_for("!document.getElementById('stream').hidden")
+            dashboard, _ = start_dashboard(broker.port, web=int(url.rsplit(":", 1)[1].strip("/")))
+            assert chromium.wait_for(
+                "document.getElementById('stream').hidden"
+                f" && {PAGE_STATE}.stack === 'after-restart' && {PAGE_STATE}.status === 'online'",
+                20,
+            ), chromium.evaluate(f"[document.getElementById('stream').hidden, {PAGE_STATE}]")
+            # what the broker retains (latest, status) is back; the history starts again
         # the agent stopped: it said offline
         assert chromium.wait_for(f"{PAGE_STATE}.status === 'offline'")
     finally:
+        stop_dashboard(dashboard)
+
+
+def stop_dashboard(dashboard: subprocess.Popen[str]) -> None:
+    if dashboard.poll() is None:
         dashboard.send_signal(signal.SIGTERM)
         assert dashboard.wait(15) == 0
-        if dashboard.stdout is not None:
-            dashboard.stdout.close()
-        if dashboard.stderr is not None:
-            dashboard.stderr.close()
+    if dashboard.stdout is not None:
+        dashboard.stdout.close()
+    if dashboard.stderr is not None:
+        dashboard.stderr.close()
 
 
 # A real Prometheus, and the broker's WebSockets listener ---------------------------------------------------
@@ -585,6 +611,9 @@ def test_the_documented_websockets_listener_is_bound_to_loopback_and_serves_a_we
     listeners = documented.replace("listener 1883 127.0.0.1\n", "").replace("9001", str(ws_port))
     broker = Broker(tmp_path / "broker", extra="allow_anonymous true\n" + listeners).start()
     try:
+        deadline = time.monotonic() + 10  # Broker.start waits for the plain listener only
+        while not listening_addresses(ws_port) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert listening_addresses(ws_port) == {"127.0.0.1"}
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -614,6 +643,10 @@ def test_the_documented_websockets_listener_is_bound_to_loopback_and_serves_a_we
         extra=f"allow_anonymous true\nlistener {naive_port} 127.0.0.1\nprotocol websockets\n",
     ).start()
     try:
+        deadline = time.monotonic() + 10
+        while not listening_addresses(naive_port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listening_addresses(naive_port)
         assert "127.0.0.1" not in listening_addresses(naive_port)  # every interface, whatever the line says
     finally:
         naive.stop()
