@@ -31,7 +31,7 @@ from agent.service.mqtt_client import Broker as MqttBroker
 from agent.tools.dashboard import BUCKETS, Dashboard, State, image_type
 from agent.tools.demo import free_port
 from tests.agent_harness import config_for, drop, running, stack_files
-from tests.broker import Broker
+from tests.broker import Broker, Subscriber
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
@@ -650,3 +650,36 @@ def test_the_documented_websockets_listener_is_bound_to_loopback_and_serves_a_we
         assert "127.0.0.1" not in listening_addresses(naive_port)  # every interface, whatever the line says
     finally:
         naive.stop()
+
+
+@pytest.mark.integration
+def test_the_dashboard_reaches_a_tls_broker_with_a_client_certificate(tmp_path):
+    import argparse
+
+    from agent.service.mqtt_client import broker_from_args
+    from agent.tools.dashboard import add_arguments
+    from tests.broker import tls_broker
+
+    broker, tls_port, certs = tls_broker(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--broker", f"localhost:{tls_port}", "--tls", "--ca-file", str(certs["ca.pem"]),
+         "--cert-file", str(certs["client.pem"]), "--key-file", str(certs["client.key"]), "--port", "0"]
+    )  # fmt: skip
+    dashboard = Dashboard(broker_from_args(args), args.topic, port=args.port).start()
+    publisher = Subscriber(broker.port, "nothing/#")
+    try:
+        publisher.client.publish("hpa-edge/scope1/status", b"online", qos=1, retain=True).wait_for_publish(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            snap = dashboard.state.snapshot()
+            if snap["broker"]["connected"] and [i["status"] for i in snap["instruments"]] == ["online"]:
+                break
+            time.sleep(0.05)
+        assert snap["broker"]["connected"], snap["broker"]
+        assert [i["status"] for i in snap["instruments"]] == ["online"]
+    finally:
+        publisher.close()
+        dashboard.stop()
+        broker.stop()
