@@ -110,3 +110,31 @@ def test_every_registered_recipe_has_a_version_and_a_json_entry() -> None:
         entry = found.entry(1280)
         assert json.loads(json.dumps(entry)) == entry
         assert sum(part["length"] for part in entry["layout"]) == found.width(1280)
+
+
+def test_features_compare_scores_candidates_with_the_reduction_fitted_inside_the_folds() -> None:
+    from export.training.features_compare import candidate_auc, pca_reducer
+    from export.training.forests import ForestSettings
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 2), bool)
+    y[::2, 0] = True
+    y[::4, 1] = True
+    parts = {
+        "signal": y[:, :1] + rng.normal(0, 0.1, (40, 3)),
+        "noise": rng.normal(0, 1, (40, 30)),
+    }
+    settings = ForestSettings(trees=20, seed=0, jobs=1)
+    good = candidate_auc(parts, ("signal",), (), y, [0], 4, 2, settings)
+    bad = candidate_auc(parts, ("noise",), (), y, [0], 4, 2, settings)
+    both = candidate_auc(parts, ("signal",), ("noise",), y, [0], 4, 2, settings)
+    assert good.shape == (2, 1)
+    assert good.min() > 0.95
+    assert bad.mean() < 0.8
+    assert both.min() > 0.9
+    fit, held = parts["noise"][:30], parts["noise"][30:]
+    reduce = pca_reducer(4)
+    a, _ = reduce(fit, held)
+    b, _ = reduce(fit, held * 100)  # held rows never shape the reduction
+    assert np.array_equal(a, b)
+    assert a.shape == (30, 4)

@@ -67,14 +67,27 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hand45+pca16(rp-last-512)": (("hand45",), ("rp-last-512",)),
 }
 COMPONENTS = 16
+HELD_OUT_DEFAULT = ["gap224", "hand45", "hand-rgb", "hand-rgb+gap224", "hand-rgb+pca16(gap224)"]
 
 
-def feature_parts(dataset: Dataset, batch: int = 8) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """Every part named in CANDIDATES for every readable stack: ids, labels, part -> N x F."""
+PARTS_512 = ("rp-last-512", "rp-b10-512", "rp3-last-512")
+
+
+def needed_parts(names: list[str]) -> set[str]:
+    return {part for name in names for group in CANDIDATES[name] for part in group}
+
+
+def feature_parts(
+    dataset: Dataset, needed: set[str] | None = None, batch: int = 8
+) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """The parts named in CANDIDATES (those in `needed`, or all) for every readable stack:
+    ids, labels, part -> N x F."""
     from export.features.backbones import LITE0_NORMALISATION, lite0_model, lite0_state, lite0_weights_path
 
+    needed = needed_parts(list(CANDIDATES)) if needed is None else needed
+    sizes = (224, 512) if needed & set(PARTS_512) else (224,)
     models = {}
-    for size in (224, 512):
+    for size in sizes:
         import keras
 
         full = lite0_model(lite0_state(lite0_weights_path()), size, False, LITE0_NORMALISATION)
@@ -90,7 +103,7 @@ def feature_parts(dataset: Dataset, batch: int = 8) -> tuple[list[str], np.ndarr
         parts.setdefault(name, []).append(np.asarray(row, dtype=np.float32))
 
     def flush() -> None:
-        for size in (224, 512):
+        for size in sizes:
             images = np.stack([p[1][f"rgb{size}"] for p in pending]).astype(np.float32)
             block10, last = (np.asarray(m) for m in models[size].predict_on_batch(images))
             for i, (masks, _) in enumerate(pending):
@@ -101,10 +114,11 @@ def feature_parts(dataset: Dataset, batch: int = 8) -> tuple[list[str], np.ndarr
                     add("rp-last-512", region_pool(last[i], masks["nucleus"]))
                     add("rp-b10-512", region_pool(block10[i], masks["nucleus"]))
                     add("rp3-last-512", _pool3(last[i], masks))
-        images = np.stack([p[1]["green224"] for p in pending]).astype(np.float32)
-        _, last = (np.asarray(m) for m in models[224].predict_on_batch(images))
-        for i in range(len(pending)):
-            add("gap224-green", last[i].mean(axis=(0, 1)))
+        if "gap224-green" in needed:
+            images = np.stack([p[1]["green224"] for p in pending]).astype(np.float32)
+            _, last = (np.asarray(m) for m in models[224].predict_on_batch(images))
+            for i in range(len(pending)):
+                add("gap224-green", last[i].mean(axis=(0, 1)))
         pending.clear()
 
     for i, (sample, stack) in enumerate(dataset.stacks()):
@@ -114,12 +128,11 @@ def feature_parts(dataset: Dataset, batch: int = 8) -> tuple[list[str], np.ndarr
         ids.append(sample.stack_id)
         keep.append(i)
         channels = stack.channels
-        add("hand45", baseline_features(channels))
-        images = {
-            "rgb224": preprocess(channels, rgb[224]),
-            "rgb512": preprocess(channels, rgb[512]),
-            "green224": preprocess(channels, green),
-        }
+        if "hand45" in needed:
+            add("hand45", baseline_features(channels))
+        images = {f"rgb{size}": preprocess(channels, rgb[size]) for size in sizes}
+        if "gap224-green" in needed:
+            images["green224"] = preprocess(channels, green)
         add("hand-rgb", hand_features(images["rgb224"]))
         pending.append((_masks(channels), images))
         if len(pending) == batch:
@@ -203,9 +216,78 @@ def candidate_auc(
     return out
 
 
+def _design(
+    parts: dict[str, np.ndarray], test: dict[str, np.ndarray], kept: tuple[str, ...], reduced: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test matrices of one candidate; a reduction is fitted on the training rows."""
+    fit = np.concatenate([parts[p] for p in kept], axis=1)
+    held = np.concatenate([test[p] for p in kept], axis=1)
+    if reduced:
+        r_fit, r_held = pca_reducer(COMPONENTS)(
+            np.concatenate([parts[p] for p in reduced], axis=1),
+            np.concatenate([test[p] for p in reduced], axis=1),
+        )
+        fit, held = np.concatenate([fit, r_fit], axis=1), np.concatenate([held, r_held], axis=1)
+    return fit, held
+
+
+def held_out(
+    parts: dict[str, np.ndarray],
+    y: np.ndarray,
+    test: dict[str, np.ndarray],
+    y_test: np.ndarray,
+    names: list[str],
+    seed: int,
+) -> dict[str, Any]:
+    """Each candidate's `LocationForests` (as `hpa-edge train` fits them) fitted on one set and
+    scored once on another: macro F1 with its 95% bootstrap interval, and the paired difference
+    against the first candidate on the same resamples."""
+    from export.training.forests import LocationForests
+    from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
+
+    weights = bootstrap_weights(len(y_test), 1000, seed)
+    first: np.ndarray | None = None
+    out: dict[str, Any] = {}
+    for name in names:
+        fit, held = _design(parts, test, *CANDIDATES[name])
+        model = LocationForests(seed=seed).fit(fit, y.astype(bool))
+        predicted = model.predict(held)
+        boot = nanmean_rows(bootstrap_f1(y_test.astype(bool), predicted, weights))
+        first = boot if first is None else first
+        out[name] = {
+            "dim": fit.shape[1],
+            "macro_f1": macro_f1(y_test.astype(bool), predicted),
+            "ci95": interval(boot),
+            "difference_ci95": interval(boot - first),
+            "labels_per_stack": float(predicted.sum(axis=1).mean()),
+            "exact_sets": float((predicted == y_test.astype(bool)).all(axis=1).mean()),
+            "trained": int(sum(s == "trained" for s in model.status_)),
+        }
+    return out
+
+
+def _load_or_compute(
+    data: Path, labels: Path | None, cache: Path | None, needed: set[str]
+) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    if cache and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            parts = {k.removeprefix("part:"): stored[k] for k in stored.files if k.startswith("part:")}
+            if needed <= set(parts):
+                return stored["ids"].tolist(), stored["y"], parts
+    if labels is None:
+        labels = data / "labels.csv" if (data / "labels.csv").is_file() else data / "train.csv"
+    ids, y, parts = feature_parts(Dataset(data, labels), needed)
+    if cache:
+        arrays: dict[str, Any] = {f"part:{k}": v for k, v in parts.items()}
+        np.savez(cache, ids=np.asarray(ids), y=y, **arrays)
+    return ids, y, parts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with the channel files")
-    parser.add_argument("--labels", type=Path, help="Id,Target label file (default: DATA/labels.csv)")
+    parser.add_argument(
+        "--labels", type=Path, help="Id,Target label file (default: DATA/labels.csv, else DATA/train.csv)"
+    )
     parser.add_argument(
         "--cache", type=Path, help="npz of the feature matrices (read if present, else written)"
     )
@@ -217,6 +299,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats with new folds (default 3)")
     parser.add_argument("--trees", type=int, default=200, help="trees per forest (default 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--test",
+        type=Path,
+        help="instead of cross-validation: fit on DATA, score once on this set (macro F1)",
+    )
+    parser.add_argument("--test-labels", type=Path, help="its label file (default as --labels)")
+    parser.add_argument("--test-cache", type=Path, help="npz of the test set's feature matrices")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
 
 
@@ -225,27 +314,54 @@ def run(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed.*")
     started = time.perf_counter()
+    names = args.candidates or (HELD_OUT_DEFAULT if args.test else list(CANDIDATES))
+    needed = needed_parts(names)
     try:
-        if args.cache and args.cache.is_file():
-            with np.load(args.cache, allow_pickle=False) as data:
-                ids, y = data["ids"].tolist(), data["y"]
-                parts = {k.removeprefix("part:"): data[k] for k in data.files if k.startswith("part:")}
-        else:
-            dataset = Dataset(args.data, args.labels or args.data / "labels.csv")
-            ids, y, parts = feature_parts(dataset)
-            if args.cache:
-                arrays: dict[str, Any] = {f"part:{k}": v for k, v in parts.items()}
-                np.savez(args.cache, ids=np.asarray(ids), y=y, **arrays)
+        ids, y, parts = _load_or_compute(args.data, args.labels, args.cache, needed)
+        if args.test:
+            test_ids, y_test, test = _load_or_compute(args.test, args.test_labels, args.test_cache, needed)
     except DatasetError as exc:
         print(f"hpa-edge features-compare: {exc}", file=sys.stderr)
         return 2
     featured = time.perf_counter()
+    if args.test:
+        results = held_out(parts, y, test, y_test, names, args.seed)
+        print(
+            f"trained on {len(ids)} stacks ({args.data}), scored once on {len(test_ids)} ({args.test}); "
+            "macro F1 with 95% bootstrap interval (1000 resamples), paired difference to the first row"
+        )
+        print(
+            "| features | dim | macro F1 | difference | labels per stack | exact label sets "
+            "| locations trained |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        truth = float(y_test.sum(axis=1).mean())
+        for name, r in results.items():
+            low, high = r["ci95"]
+            d_low, d_high = r["difference_ci95"]
+            print(
+                f"| {name} | {r['dim']} | {r['macro_f1']:.3f} ({low:.3f}-{high:.3f}) | "
+                f"{r['macro_f1'] - results[names[0]]['macro_f1']:+.3f} ({d_low:+.3f} to {d_high:+.3f}) | "
+                f"{r['labels_per_stack']:.2f} (true {truth:.2f}) | {r['exact_sets']:.1%} | {r['trained']} |"
+            )
+    else:
+        results = cross_validated(parts, y, names, args)
+    print(f"features {featured - started:.0f} s, forests {time.perf_counter() - featured:.0f} s")
+    if args.json:
+        payload = {"stacks": len(ids), "repeats": args.repeats, "folds": args.folds, "results": results}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def cross_validated(
+    parts: dict[str, np.ndarray], y: np.ndarray, names: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The table of repeated k-fold ROC AUC per frequent location, one row per candidate."""
     locations = [j for j in range(y.shape[1]) if y[:, j].sum() >= args.min_positives]
     settings = ForestSettings(trees=args.trees, seed=args.seed)
-    names = args.candidates or list(CANDIDATES)
     header = " | ".join(f"{LOCATIONS[j]} ({int(y[:, j].sum())})" for j in locations)
     print(
-        f"{len(ids)} stacks; ROC AUC, mean ± std over {args.repeats} repeats of stratified "
+        f"{len(y)} stacks; ROC AUC, mean ± std over {args.repeats} repeats of stratified "
         f"{args.folds}-fold CV; Extra-Trees {args.trees} trees x {settings.max_leaf_nodes} leaves"
     )
     print(f"| features | dim | {header} | mean of {len(locations)} |")
@@ -267,15 +383,4 @@ def run(args: argparse.Namespace) -> int:
             "per_location": {LOCATIONS[j]: auc[:, i].tolist() for i, j in enumerate(locations)},
             "mean": overall.tolist(),
         }
-    elapsed = time.perf_counter() - started
-    print(f"features {featured - started:.0f} s, forests {elapsed - (featured - started):.0f} s")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"stacks": len(ids), "repeats": args.repeats, "folds": args.folds, "results": results},
-                indent=1,
-            )
-            + "\n",
-            encoding="utf-8",
-        )
-    return 0
+    return results
