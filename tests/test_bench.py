@@ -92,3 +92,43 @@ def test_bench_on_synthetic_stacks_needs_no_data(tmp_path: Path) -> None:
     summary, _, _ = bench(tmp_path, "--synthetic", "3", "--size", "256")
     assert summary["distinct_stacks"] == 3
     assert summary["stacks_source"] == "synthetic 3 at 256 px"
+
+
+@pytest.mark.integration
+def test_bench_landing_reports_latency_per_case_and_mode(tmp_path: Path, stack_source: Path, broker) -> None:
+    summary, _rows, out = bench(
+        tmp_path, "--stacks", str(stack_source / "stacks"), "--landing", "2", "--landing-cases", "as_given",
+        "tif16_raw", "--landing-side", "256", "--broker", f"127.0.0.1:{broker.port}",
+    )  # fmt: skip
+    landing = summary["landing"]
+    assert landing["stacks"] == 2
+    assert set(landing["cases"]) == {
+        f"{case}/{mode}" for case in ("as_given", "tif16_raw") for mode in ("in_place", "renamed_in")
+    }
+    for result in landing["cases"].values():
+        assert result["missed"] == 0
+        assert result["latency_ms"]["n"] == 2
+        assert {"p50", "p95", "min", "max"} <= set(result["latency_ms"])
+    assert "landing:" in out
+
+
+def test_camera_stacks_read_the_same_through_the_raw_tiff_reader_and_opencv(
+    tmp_path: Path, stack_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.stacks import image
+    from agent.stacks.stack import find_stacks
+    from agent.tools.bench_agent import camera_stacks
+
+    stacks = sorted(find_stacks(stack_source / "stacks").items())[:1]
+    for case in ("tif16_raw", "tif16_deflate"):
+        ((_, paths),) = camera_stacks(stacks, case, 300, tmp_path / case, 1)
+        for path in paths.values():
+            with image.open_channel(path) as opened:
+                assert (opened._raw is not None) == (case == "tif16_raw")
+            fast = image.read_channel(path)
+            monkeypatch.setattr(image, "RAW_TIFF", False)
+            slow = image.read_channel(path)
+            monkeypatch.setattr(image, "RAW_TIFF", True)
+            assert fast.sha256 == slow.sha256
+            assert fast.pixels.dtype == slow.pixels.dtype == "uint16"
+            assert (fast.pixels == slow.pixels).all()

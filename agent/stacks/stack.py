@@ -7,11 +7,14 @@ checks need before the next is decoded, so a stack costs about one channel's mem
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -151,7 +154,39 @@ def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> Abst
     if budget is None:
         return nullcontext()
     header = file.header
-    return budget.reserve(file.decode_cost() + reducer.cost(header.width, header.height, header.bits))
+    return _trimmed(
+        budget.reserve(file.decode_cost() + reducer.cost(header.width, header.height, header.bits))
+    )
+
+
+@contextmanager
+def _trimmed(reservation: AbstractContextManager[None]) -> Iterator[None]:
+    """The reservation, and what the channel freed given back to the system before it ends:
+    the channel's 8-bit copy (16 MB for 4000 x 4000) sits below the mmap threshold, in the
+    thread's malloc arena, which glibc may keep (measured: +15 MB per decode thread with the
+    raw TIFF reader, 77 -> 47 MB above the start for two threads and 4000 x 4000 16-bit)."""
+    with reservation:
+        try:
+            yield
+        finally:
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    global _trim
+    if _trim is None:
+        try:
+            function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            function.argtypes = [ctypes.c_size_t]
+            function.restype = ctypes.c_int
+            _trim = function
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim: Callable[[int], int] | Literal[False] | None = None
 
 
 def _check_complete(stack_id: str, paths: Mapping[str, Path]) -> None:

@@ -44,7 +44,7 @@ from agent.service.recorder import record_of
 from agent.service.state import Ledger
 from agent.stacks.naming import NamingScheme
 from agent.stacks.stack import find_stacks
-from agent.tools.bench_agent import burst, cycle, read_text, startup
+from agent.tools.bench_agent import LANDING_CASES, burst, cycle, landing, read_text, startup
 
 STAGES = ("decode", "preprocess", "embed", "classify", "commit", "end_to_end")
 PERCENTILES = (50, 90, 95, 99)
@@ -69,6 +69,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst", type=int, metavar="N", help="also drop N stacks at once into the real agent"
     )
     parser.add_argument("--startup", action="store_true", help="also time hpa-edge run to READY=1")
+    parser.add_argument(
+        "--landing",
+        type=int,
+        metavar="N",
+        help="also drop N stacks one at a time into a real hpa-edge run (in place, then renamed in) "
+        "and time last file complete -> result at an MQTT subscriber (a mosquitto is started "
+        "unless --broker)",
+    )
+    parser.add_argument(
+        "--landing-cases",
+        nargs="+",
+        choices=LANDING_CASES,
+        help="as_given (the stacks as they are), tif16_raw, tif16_deflate (the stacks as a "
+        "12-bit camera's 16-bit TIFFs at --landing-side); default all three",
+    )
+    parser.add_argument(
+        "--landing-side", type=int, default=2048, help="side of the TIFF cases (default 2048)"
+    )
+    parser.add_argument("--landing-agent", type=Path, help=argparse.SUPPRESS)  # another checkout's agent
 
 
 # Pure summaries -------------------------------------------------------------------------
@@ -301,6 +320,11 @@ def run(args: argparse.Namespace) -> int:
             summary["burst"] = result
         if args.startup:
             summary["startup"] = startup(args, stacks, work)
+        if args.landing:
+            found = landing(args, stacks, work)
+            for result in found["cases"].values():
+                result["latency_ms"] = summarise(result.pop("latencies_ms"))
+            summary["landing"] = found
         summary["peak_rss_mb"] = peak_rss_mb()
         summary["threads"] = thread_count()
     report(summary)
@@ -345,3 +369,14 @@ def report(summary: Mapping[str, Any]) -> None:
             f"startup: hpa-edge run to READY=1 in {s['start_to_ready_s']} s, RSS {s['rss_at_ready_mb']} MB; "
             f"peak RSS after 200 stacks {s['peak_rss_after_200_stacks_mb']} MB"
         )
+    if "landing" in summary:
+        found = summary["landing"]
+        print(
+            f"landing: last channel file complete -> result at the subscriber (ms), "
+            f"{found['stacks']} stacks one at a time, TIFF cases at {found['side']} px"
+        )
+        print(f"{'case/mode':<28}{'p50':>9}{'p95':>9}{'min':>9}{'max':>9}{'missed':>8}")
+        for name, result in found["cases"].items():
+            s = result["latency_ms"]
+            cells = "".join(f"{s[k]:>9.1f}" for k in ("p50", "p95", "min", "max")) if s else " " * 36
+            print(f"{name:<28}{cells}{result['missed']:>8}")

@@ -8,6 +8,7 @@ folder all at once, as an acquisition burst arrives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -177,3 +178,209 @@ def startup(
         "rss_at_ready_mb": round(at_ready / 1024, 1) if at_ready else None,
         "peak_rss_after_200_stacks_mb": round(peak / 1024, 1) if peak else None,
     }
+
+
+# Landing latency: what the user feels ----------------------------------------------------
+LANDING_MODES = ("in_place", "renamed_in")
+LANDING_CASES = ("as_given", "tif16_raw", "tif16_deflate")
+_TIFF_COMPRESSION = {"tif16_raw": 1, "tif16_deflate": 8}  # libtiff: none, Adobe deflate
+
+
+def camera_stacks(
+    stacks: Sequence[tuple[str, dict[str, Path]]], case: str, side: int, out: Path, n: int
+) -> list[tuple[str, dict[str, Path]]]:
+    """The first `n` stacks as a 12-bit camera in 16-bit TIFF would give them: real 8-bit
+    pixels resized to `side` x `side`, times 16 plus random low bits (`case` says the
+    compression); `as_given` leaves them as they are."""
+    import cv2
+    import numpy as np
+
+    if case == "as_given":
+        return list(stacks[:n])
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(17)
+    made: list[tuple[str, dict[str, Path]]] = []
+    for stack_id, paths in stacks[:n]:
+        written: dict[str, Path] = {}
+        for channel, path in paths.items():
+            read: Any = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if read is None:
+                raise SystemExit(f"bench: cannot read {path}")
+            pixels = np.asarray(read)
+            if pixels.ndim == 3:
+                pixels = pixels[..., 0]
+            if pixels.dtype != np.uint8:
+                pixels = (pixels.astype(np.uint16) >> 8).astype(np.uint8)
+            pixels = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_LINEAR)
+            camera = pixels.astype(np.uint16) * 16 + rng.integers(0, 16, pixels.shape, dtype=np.uint16)
+            target = out / f"{stack_id}_{channel}.tif"
+            if not cv2.imwrite(str(target), camera, [cv2.IMWRITE_TIFF_COMPRESSION, _TIFF_COMPRESSION[case]]):
+                raise SystemExit(f"bench: cannot write {target}")
+            written[channel] = target
+        made.append((stack_id, written))
+    return made
+
+
+class Subscriber:
+    """An MQTT subscriber to the agent's results and errors: when each stack's answer arrived."""
+
+    def __init__(self, broker: Any, prefix: str) -> None:
+        import json
+
+        from agent.service.mqtt_client import make_client
+
+        self.arrived: dict[str, float] = {}
+        self.cond = threading.Condition()
+        subscribed = threading.Event()
+        topics = [(f"{prefix}/results", 1), (f"{prefix}/errors", 1)]
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            at = time.perf_counter()
+            try:
+                stack_id = json.loads(message.payload).get("stack_id")
+            except ValueError:
+                return
+            with self.cond:
+                self.arrived.setdefault(str(stack_id), at)
+                self.cond.notify_all()
+
+        self.client = make_client(broker)
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(topics)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = on_message
+        self.client.connect(broker.host, broker.port, keepalive=broker.keepalive)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise SystemExit(f"bench: no subscription confirmed by {broker.address}")
+
+    def wait(self, stack_id: str, seconds: float) -> float | None:
+        deadline = time.perf_counter() + seconds
+        with self.cond:
+            while stack_id not in self.arrived:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return self.arrived[stack_id]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _write_in_place(source: Path, target: Path) -> None:
+    """open, write, close: as a microscope writing straight into the folder."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _agent_process(
+    args: argparse.Namespace, broker: Any, folder: Path, prefix: str, source: Path | None
+) -> subprocess.Popen[bytes]:
+    """`hpa-edge run` with the default watch settings, publishing to `broker`; READY=1 awaited."""
+    incoming = folder / "incoming"
+    incoming.mkdir(parents=True)
+    config = folder / "agent.toml"
+    config.write_text(
+        f'instrument = "landing"\n[watch]\nfolder = "{incoming}"\n'
+        f'[bundle]\npath = "{args.bundle.resolve()}"\nthreads = {args.threads}\n'
+        f'[state]\ndatabase = "{folder / "state.db"}"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nprotocol = "{broker.protocol}"\n'
+        f'topic_prefix = "{prefix}"\n'
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(folder / "notify"))
+    sock.settimeout(60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
+    env["NOTIFY_SOCKET"] = str(folder / "notify")
+    if source is not None:  # another checkout's agent (before/after comparisons)
+        env["PYTHONPATH"] = str(source.resolve())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        env=env,
+        cwd=str(source) if source is not None else None,
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "agent.log", "wb"),  # noqa: SIM115 - the child owns it
+    )
+    try:
+        while b"READY=1" not in sock.recv(4096):
+            pass
+    except TimeoutError:
+        process.kill()
+        raise SystemExit(f"bench: the agent did not become ready; see {folder / 'agent.log'}") from None
+    finally:
+        sock.close()
+    return process
+
+
+def landing(
+    args: argparse.Namespace, stacks: Sequence[tuple[str, dict[str, Path]]], work: Path
+) -> dict[str, Any]:
+    """From "last channel file complete" to "result received by a subscriber", with the real
+    `hpa-edge run`, a real broker and a subscriber, one stack at a time: written in place
+    (open, write, close) and written beside the folder then renamed in, for each case."""
+    from agent.service.mqtt_client import Broker
+    from agent.tools.demo import broker as start_broker
+
+    n = args.landing
+    cases = args.landing_cases or list(LANDING_CASES)
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        if args.broker:
+            host, port = args.broker.rsplit(":", 1) if ":" in args.broker else (args.broker, "1883")
+            address = (host, int(port), args.protocol)
+        else:
+            address = stack.enter_context(start_broker("mosquitto", work))
+        broker = Broker(host=address[0], port=address[1], protocol=address[2])
+        for case in cases:
+            distinct = camera_stacks(stacks, case, args.landing_side, work / "landing" / case, min(n, 5))
+            for mode in LANDING_MODES:
+                folder = work / "landing" / f"{case}-{mode}"
+                prefix = f"hpa-edge/landing-{os.getpid()}-{case}-{mode}"
+                subscriber = Subscriber(broker, prefix)
+                process = _agent_process(args, broker, folder, prefix, args.landing_agent)
+                try:
+                    results[f"{case}/{mode}"] = _drops(distinct, n, mode, folder, subscriber)
+                finally:
+                    process.terminate()
+                    process.wait(30)
+                    subscriber.close()
+                    shutil.rmtree(folder / "incoming", ignore_errors=True)
+    return {"stacks": n, "side": args.landing_side, "cases": results}
+
+
+def _drops(
+    distinct: Sequence[tuple[str, dict[str, Path]]], n: int, mode: str, folder: Path, subscriber: Subscriber
+) -> dict[str, Any]:
+    incoming = folder / "incoming"
+    staging = folder / "staging"
+    staging.mkdir()
+    latencies: list[float] = []
+    missed = 0
+    source = cycle(distinct)
+    warmup = 2
+    for i in range(-warmup, n):
+        _, paths = next(source)
+        stack_id = f"landing{i + warmup:05d}"
+        names = {c: f"{stack_id}_{c}{p.suffix}" for c, p in paths.items()}
+        if mode == "renamed_in":
+            for channel, path in paths.items():
+                _write_in_place(path, staging / names[channel])
+            for channel in paths:
+                os.rename(staging / names[channel], incoming / names[channel])
+        else:
+            for channel, path in paths.items():
+                _write_in_place(path, incoming / names[channel])
+        complete = time.perf_counter()
+        arrived = subscriber.wait(stack_id, 30)
+        if arrived is None:
+            missed += 1
+        elif i >= 0:
+            latencies.append((arrived - complete) * 1e3)
+        deadline = time.perf_counter() + 5  # the files gone to done/ before the next stack
+        while any((incoming / name).exists() for name in names.values()) and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        for done in (incoming / "done").glob("*"):
+            done.unlink()
+        time.sleep(0.3)  # one stack at a time: the agent idle again
+    return {"latencies_ms": latencies, "missed": missed}
