@@ -56,9 +56,9 @@ def _opencv_version() -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-# OpenCV >= 4.10 decodes into an array given to imread (4.9's version of it could leave the
-# array untouched), so the pixels are not copied from OpenCV's memory into numpy's.
-DECODE_INTO = _opencv_version() >= (4, 10)
+# OpenCV >= 4.11 decodes into an array given to imread (4.10's, the agent-legacy install,
+# returns it empty: measured), so the pixels are not copied from OpenCV's memory into numpy's.
+DECODE_INTO = _opencv_version() >= (4, 11)
 # Decode the open file through its descriptor (Linux), instead of from its bytes in memory.
 DECODE_FROM_FD = os.path.isdir("/proc/self/fd")
 _fd_names: bool | None = None
