@@ -299,3 +299,71 @@ def test_a_feature_recipe_this_agent_does_not_know_or_cannot_feed_is_refused(
     _edit_manifest(folder, {"features": entry})
     with pytest.raises(BundleError, match=message):
         load_bundle(folder)
+
+
+def _recipe_bundle(tmp_path: Path, name: str) -> Path:
+    """The demo bundle with classifiers (small forests) that take the recipe's vector, its golden
+    probabilities redone through the recipe, and the manifest naming it (no novelty reference)."""
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    from agent.model.features import recipe
+    from agent.model.runtimes import load_classifier
+    from export.conversion.convert import forests_to_onnx
+
+    folder = _copy(REPO / "models" / "demo", tmp_path)
+    found = recipe(name)
+    with np.load(folder / "golden.npz") as golden:
+        images, embeddings = golden["images"], golden["embeddings"]
+    width = found.width(embeddings.shape[1])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, width)).astype(np.float32)
+    forests = []
+    for j in range(len(LOCATIONS)):  # each forest answers from one column of the recipe's tail
+        column = (x[:, width - 1 - j % 44] > 0).astype(np.int64)
+        forests.append(ExtraTreesClassifier(n_estimators=4, max_leaf_nodes=8, random_state=j).fit(x, column))
+    onnx = forests_to_onnx(forests, width)
+    (folder / "classifiers.onnx").write_bytes(onnx)
+    probabilities = load_classifier(onnx)(found(images, embeddings))
+    np.savez_compressed(
+        folder / "golden.npz", images=images, embeddings=embeddings, probabilities=probabilities
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for role in ("classifiers", "golden"):
+        path = folder / manifest["files"][role]["path"]
+        manifest["files"][role].update(sha256=file_sha256(path), bytes=path.stat().st_size)
+    manifest["files"].pop("novelty", None)
+    manifest.pop("novelty", None)
+    manifest["features"] = found.entry(embeddings.shape[1])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_the_device_pipeline_feeds_the_classifiers_the_bundles_recipe(
+    tmp_path: Path, stack_source: Path
+) -> None:
+    from agent.model.features import recipe
+    from agent.model.pipeline import Pipeline
+    from agent.stacks.preprocess import preprocess
+    from agent.stacks.stack import find_stacks, read_stack
+
+    folder = _recipe_bundle(tmp_path, "lite0-gap+hand-rgb")
+    bundle = load_bundle(folder)
+    assert bundle.features is recipe("lite0-gap+hand-rgb", 1)
+    assert bundle.golden is not None
+    assert bundle.golden.max_probability_difference < 1e-6
+    stack_id, paths = sorted(find_stacks(stack_source / "stacks").items())[0]
+    document = Pipeline(bundle, "test").analyse(stack_id, paths).document
+    image = preprocess(read_stack(stack_id, paths).channels, bundle.preprocessing)[None]
+    vector = bundle.features(image, bundle.embedder(image))
+    assert vector.shape == (1, 1280 + 44)
+    scores = [document["scores"][name] for name in LOCATIONS]
+    np.testing.assert_allclose(scores, bundle.classifier(vector)[0], atol=2e-6)
+
+
+def test_a_bundle_whose_recipe_params_were_altered_is_refused(tmp_path: Path) -> None:
+    folder = _recipe_bundle(tmp_path, "lite0-gap+hand-rgb")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["features"]["params"] = {**manifest["features"]["params"], "dog_level": 0.05}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"params .* differ"):
+        load_bundle(folder)
