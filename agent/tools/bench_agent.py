@@ -299,8 +299,8 @@ def _agent_process(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
         env=env,
         cwd=str(source) if source is not None else None,
-        stdout=subprocess.DEVNULL,
-        stderr=open(folder / "agent.log", "wb"),  # noqa: SIM115 - the child owns it
+        stdout=open(folder / "agent.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
     )
     try:
         while b"READY=1" not in sock.recv(4096):
