@@ -40,6 +40,24 @@ def test_a_stack_whose_files_are_renamed_in_is_ready_at_once() -> None:
     assert list(t.look(files, 0.0).ready) == ["s"]
 
 
+def test_a_stack_renamed_in_needs_no_quiet_time_and_no_second_look() -> None:
+    """What the inotify watcher reports for a rename from beside the folder: one IN_MOVED_TO
+    per file, nothing else; the loop need not come back after RENAME_QUIET."""
+    t, files = tracker(), listing()
+    for name in files:
+        t.note(name, "moved_in", 0.0)
+    assert list(t.look(files, 0.0).ready) == ["s"]
+    assert t.next_due(0.0) is None
+
+
+def test_an_empty_file_renamed_in_is_not_written_by_the_event() -> None:
+    t, files = tracker(), listing(size=0)
+    for name in files:
+        t.note(name, "moved_in", 0.0)
+    assert not t.look(files, 0.0).ready
+    assert list(t.look(files, SETTLE).ready) == ["s"]  # unchanged for the settle time, as polling
+
+
 def test_a_file_created_with_no_write_after_it_was_renamed_in_from_elsewhere() -> None:
     t, files = tracker(), listing()
     for name in files:

@@ -6,8 +6,9 @@ tests drive it with made-up listings and a made-up clock.
 
 A channel file counts as written when
 - a `closed` event says its writer closed it after writing (inotify's IN_CLOSE_WRITE), or
-- it is the target of a rename inside the folder (`moved_in`), or it appeared through a
-  `created` event that no write followed (a rename into the folder from elsewhere), or
+- it is the target of a rename into the folder (`moved_in`: inotify's IN_MOVED_TO, from
+  inside the folder or from beside it; written at once), or it appeared through a `created`
+  event that no write followed for RENAME_QUIET (a hard link made in the folder), or
 - its size and mtime have stayed unchanged for `settle` seconds (polling, network shares,
   files found at start-up). A file with a write seen but no close must stay unchanged ten
   times longer, in case the close event was lost.
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import NamingScheme
 
-# A created file with no write event for this long was renamed in, not opened for writing
-# (open(O_CREAT) and the first write follow each other within microseconds).
+# A created file with no write event for this long was linked in, not opened for writing
+# (open(O_CREAT) and the first write follow each other within microseconds). A rename into
+# the folder needs no wait: the kernel reports it as one IN_MOVED_TO (`moved_in`).
 RENAME_QUIET = 0.2
 STALE_WRITE_FACTOR = 10.0
 EVENT_KINDS = ("created", "modified", "closed", "moved_in", "deleted")
