@@ -219,7 +219,8 @@ def test_broker_down_at_start_then_up_delivers_the_backlog_in_order(
         for i in range(3):
             drop(stack_files(stack_source, 11 + i), config.watch.folder, f"wait{i}")
         assert subscriber.wait_for(lambda: agent.stats.counts["processed"] == 3)
-        assert len(list(config.folder("done").glob("wait*"))) == 12  # files moved although the broker is down
+        # files moved although the broker is down (they move just after the count: wait for it)
+        assert subscriber.wait_for(lambda: len(list(config.folder("done").glob("wait*"))) == 12)
         assert not subscriber.on("results")
         proxy.start()
         try:
