@@ -154,9 +154,14 @@ def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> Abst
     if budget is None:
         return nullcontext()
     header = file.header
-    return _trimmed(
-        budget.reserve(file.decode_cost() + reducer.cost(header.width, header.height, header.bits))
-    )
+    cost = file.decode_cost() + reducer.cost(header.width, header.height, header.bits)
+    reservation = budget.reserve(cost)
+    return _trimmed(reservation) if cost >= TRIM_FROM_BYTES else reservation
+
+
+# Channels whose reservation is this big give their memory back as they finish (`_trimmed`);
+# smaller ones leave it to malloc to reuse.
+TRIM_FROM_BYTES = 32 * 1024 * 1024
 
 
 @contextmanager
