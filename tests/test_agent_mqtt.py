@@ -33,6 +33,9 @@ def test_mqtt_3_1_1_delivers_results(tmp_path, broker, subscriber, demo_bundle, 
     assert outbox_depth(config.state.database)["pending"] == 0
 
 
+NO_THUMBNAILS = {"thumbnails": {"enabled": False}}  # one outbox row per stack: the result alone
+
+
 @pytest.fixture
 def plain_bundle(demo_bundle: Any) -> Any:
     """The demo bundle without its trust entries: a result is one outbox row, never a review copy too."""
@@ -50,7 +53,7 @@ def test_a_topic_refused_by_the_broker_is_marked_rejected_not_retried(tmp_path, 
     broker = Broker(tmp_path / "broker", extra=f"allow_anonymous true\nacl_file {acl}\n").start()
     subscriber = Subscriber(broker.port)
     try:
-        config = config_for(tmp_path, broker.port)
+        config = config_for(tmp_path, broker.port, NO_THUMBNAILS)
         with running(config, plain_bundle) as agent:
             drop(stack_files(stack_source, 21), config.watch.folder, "denied")
             assert subscriber.wait_for(lambda: agent.drainer is not None and agent.drainer.rejected == 1)
@@ -120,7 +123,9 @@ def test_a_wrong_password_is_logged_and_retried_with_backoff_without_a_crash(
         secret = tmp_path / "mqtt-password"
         secret.write_text("wrong")
         config = config_for(
-            tmp_path, broker.port, {"mqtt": {"username": "agent", "password_file": str(secret)}}
+            tmp_path,
+            broker.port,
+            {"mqtt": {"username": "agent", "password_file": str(secret)}, **NO_THUMBNAILS},
         )
         with running(config, plain_bundle) as agent:
             drop(stack_files(stack_source, 23), config.watch.folder, "kept")

@@ -27,7 +27,7 @@ MESSAGE_SCHEMA_VERSION = 1
 ONLINE = b"online"
 DEGRADED = b"degraded"  # connected, but taking no stacks for now (stats.degraded says why)
 OFFLINE = b"offline"
-KINDS = ("status", "results", "latest", "review", "errors", "stats")
+KINDS = ("status", "results", "latest", "review", "errors", "stats", "thumbnail")
 
 
 def topic(prefix: str, kind: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model import messages
+from agent.model import messages, thumbnail
 from agent.model.bundle import Bundle
 from agent.model.review import review
 from agent.stacks import quality
@@ -48,6 +48,7 @@ class Analysis:
     document: dict[str, Any]  # the result or error document
     paths: Mapping[str, Path]
     started: float  # time.perf_counter() when analysis began
+    thumbnail: bytes | None = None  # a small picture published beside a result (`thumbnail`)
 
     @property
     def msg_id(self) -> str:
@@ -74,8 +75,10 @@ class Pipeline:
         limits: Limits = Limits(),
         bits: int = 0,
         decode_budget: int = DEFAULT_BUDGET,
+        thumbnail_size: int = 0,
     ) -> None:
         self.bundle = bundle
+        self.thumbnail_size = thumbnail_size  # 0: no thumbnails
         self.instrument = instrument
         self.limits = limits
         self.camera_bits = bits or None  # the camera's bit depth for 16-bit files, when configured
@@ -154,7 +157,12 @@ class Pipeline:
                 **{f"quality_{name}": round(float(value), 6) for name, value in ready.quality.items()},
             },
         )
-        return Analysis(stack_id, "result", fingerprint, document, dict(stack.paths), started)
+        picture = None
+        if self.thumbnail_size:
+            made = thumbnail.make(ready.image, self.thumbnail_size)
+            document["thumbnail"] = made.entry()
+            picture = made.data
+        return Analysis(stack_id, "result", fingerprint, document, dict(stack.paths), started, picture)
 
     def failure(
         self,

@@ -137,7 +137,14 @@ class Agent:
                 bundle = load_bundle(self.config.bundle.path, threads=self.config.bundle.threads)
             except BundleError as exc:
                 raise StartError(f"bundle refused: {exc}") from None
-        self.pipeline = Pipeline(bundle, self.instrument, self.config.limits(), self.config.stack.bits)
+        thumbs = self.config.thumbnails
+        self.pipeline = Pipeline(
+            bundle,
+            self.instrument,
+            self.config.limits(),
+            self.config.stack.bits,
+            thumbnail_size=thumbs.size if thumbs.enabled else 0,
+        )
         self.stats.purpose = bundle.purpose
         self.decoder = Decoder()
         self._folder_inode = os.stat(self.folder).st_ino

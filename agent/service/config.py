@@ -98,6 +98,12 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class ThumbnailsConfig:
+    enabled: bool = True  # publish a small JPEG of each stack, retained, on <prefix>/thumbnail
+    size: int = 256  # longest side in pixels, at most the model's input size
+
+
+@dataclass(frozen=True)
 class HomeAssistantConfig:
     enabled: bool = True  # publish MQTT discovery, so Home Assistant shows the instrument by itself
     discovery_prefix: str = "homeassistant"  # Home Assistant's default
@@ -114,6 +120,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    thumbnails: ThumbnailsConfig = field(default_factory=ThumbnailsConfig)
     source: str = "defaults"  # where this came from, for messages
 
     # Derived values, resolved once so the rest of the agent never re-derives them.
@@ -170,6 +177,7 @@ SECTIONS: dict[str, type] = {
     "state": StateConfig,
     "mqtt": MqttConfig,
     "homeassistant": HomeAssistantConfig,
+    "thumbnails": ThumbnailsConfig,
 }
 
 
@@ -405,6 +413,8 @@ def validate(config: Config) -> None:
         fail("mqtt.cert_file", "a client certificate needs both mqtt.cert_file and mqtt.key_file")
     if not m.tls and any(is_set(getattr(m, k)) for k in ("ca_file", "cert_file", "key_file")):
         fail("mqtt.tls", "is false but certificate files are set; set tls = true")
+    if not 16 <= config.thumbnails.size <= 1024:
+        fail("thumbnails.size", f"must be 16..1024 pixels, not {config.thumbnails.size}")
     if not _TOPIC_WORD.match(config.homeassistant.discovery_prefix):
         prefix = config.homeassistant.discovery_prefix
         fail("homeassistant.discovery_prefix", f"{prefix!r} is not one topic word")

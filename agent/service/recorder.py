@@ -32,6 +32,8 @@ def record_of(analysis: Analysis) -> Record:
     else:
         kinds = ("results",)
     sent = tuple(Message(kind, analysis.msg_id, payload) for kind in kinds)
+    if analysis.thumbnail is not None:  # after the result: a dashboard shows the picture it names
+        sent += (Message("thumbnail", analysis.msg_id, analysis.thumbnail),)
     files = {entry["name"]: entry["sha256"] for entry in analysis.document.get("files", {}).values()}
     return Record(analysis.stack_id, analysis.files_sha256, analysis.kind, analysis.msg_id, sent, files)
 

@@ -101,12 +101,28 @@ class MqttSink:
     def send(self, row: Row) -> int | None:
         import paho.mqtt.client as mqtt
 
-        info = self._client.publish(messages.topic(self.prefix, row.kind), row.payload, qos=1)
+        if row.kind == "thumbnail":  # the newest picture, retained, typed for MQTT 5 consumers
+            info = self._client.publish(
+                messages.topic(self.prefix, row.kind), row.payload, qos=1, retain=True,
+                properties=self._image_properties(),
+            )  # fmt: skip
+        else:
+            info = self._client.publish(messages.topic(self.prefix, row.kind), row.payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         if row.kind == "results":
             self._results[info.mid] = row.payload
         return int(info.mid)
+
+    def _image_properties(self) -> Any:
+        if self.broker.protocol != "5":
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ContentType = "image/jpeg"
+        return properties
 
     def poll(self, timeout: float) -> list[Answer]:
         import paho.mqtt.client as mqtt
