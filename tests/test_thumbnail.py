@@ -71,3 +71,42 @@ def test_switched_off_no_thumbnail_is_made(tmp_path, broker, subscriber, demo_bu
         assert subscriber.wait_for(lambda: bool(subscriber.on("results")))
     assert "thumbnail" not in json.loads(subscriber.on("results")[0].payload)
     assert subscriber.on("thumbnail") == []
+
+
+# What a consumer written against the schema as it was at the start of this release requires
+# (agent/model/messages.schema.json at e67a2f0): the fields added since (thumbnail, degraded)
+# are optional, so such a consumer keeps working on today's messages.
+OLD_REQUIRED = {
+    "result": ["schema_version", "kind", "msg_id", "instrument", "stack_id", "time", "labels", "n_labels",
+               "scores", "files", "bundle_id", "bundle_sha256", "purpose", "total_ms"],
+    "error": ["schema_version", "kind", "msg_id", "instrument", "stack_id", "time", "code", "message",
+              "files", "moved_to"],
+    "stats": ["schema_version", "kind", "instrument", "time", "uptime_s", "processed", "failed",
+              "quarantined", "duplicates", "outbox_pending", "outbox_rejected", "inflight", "purpose"],
+}  # fmt: skip
+
+
+def test_fields_added_since_are_optional_so_older_consumers_keep_working() -> None:
+    from pathlib import Path
+
+    schema = json.loads(
+        (Path(__file__).resolve().parent.parent / "agent/model/messages.schema.json").read_text()
+    )
+    for kind, required in OLD_REQUIRED.items():
+        assert schema["$defs"][kind]["required"] == required  # nothing newly required
+        assert schema["$defs"][kind]["properties"]["schema_version"] == {"const": 1}
+
+
+@pytest.mark.integration
+def test_an_older_consumer_reads_todays_result_and_ignores_the_new_fields(
+    tmp_path, broker, subscriber, demo_bundle, stack_source
+):
+    config = config_for(tmp_path, broker.port)
+    with running(config, demo_bundle):
+        drop(stack_files(stack_source, 5), config.watch.folder, "old")
+        assert subscriber.wait_for(lambda: bool(subscriber.on("results")))
+    document = json.loads(subscriber.on("results")[0].payload)
+    assert "thumbnail" in document  # a new field is there...
+    old_view = {key: document[key] for key in OLD_REQUIRED["result"]}  # ...and all the old one needs
+    assert old_view["stack_id"] == "old"
+    assert isinstance(old_view["labels"], list)
