@@ -24,7 +24,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -132,6 +132,20 @@ class ChannelFile:
         self._handle = handle
         self._identity = _identity(stat)
         self._raw = raw
+        self._hashing: Future[str] | None = None
+
+    def hash_ahead(self) -> None:
+        """Start hashing the file on a helper thread now (it holds a 1 MB chunk at a time, no
+        pixels): `read` then only decodes, and takes that hash. For the next channel of a
+        stack while the current one is decoded and reduced (`stack.read_reduced`)."""
+        if self._hashing is None:
+            self._hashing = _hasher().submit(_hash_fd, self._handle.fileno())
+
+    def _settle(self) -> None:
+        """Wait for a hash started ahead (its thread reads the descriptor about to be closed)."""
+        if self._hashing is not None and not self._hashing.cancel():
+            with suppress(OSError):
+                self._hashing.result()
 
     def decode_cost(self) -> int:
         """Bytes `read` may hold at its peak (`decode_cost`)."""
@@ -146,8 +160,10 @@ class ChannelFile:
         digest = hashlib.sha256()
         data = b""
         from_fd = DECODE_FROM_FD and _fd_names_open(handle.fileno())
-        hashing: Future[str] | None = None
-        if from_fd and self.size >= HASH_BESIDE_BYTES:
+        hashing = self._hashing
+        if hashing is not None and from_fd:
+            pass  # hashed ahead
+        elif from_fd and self.size >= HASH_BESIDE_BYTES:
             # The file hashed on another thread while OpenCV decodes it (both release the GIL;
             # the hash reads the file through its own offsets, a chunk at a time).
             hashing = _hasher().submit(_hash_fd, handle.fileno())
@@ -179,6 +195,7 @@ class ChannelFile:
         into the pixel array, every byte of the file hashed on the way, in file order (no
         decoder, no second copy). The same pixels as OpenCV's decode, in a third of the time."""
         header, path = self.header, self.path
+        hashing = self._hashing
         dtype = np.dtype(np.uint16 if header.bits == 16 else np.uint8).newbyteorder(raw.order)  # type: ignore[arg-type]
         pixels = np.empty((header.height, header.width), dtype)
         digest = hashlib.sha256()
@@ -196,14 +213,16 @@ class ChannelFile:
                     break
                 got += n
             complete = complete and got == len(part)
-            digest.update(part)
+            if hashing is None:
+                digest.update(part)
+        sha256 = hashing.result() if hashing is not None else digest.hexdigest()
         if not complete or handle.read(1) or _identity(os.fstat(handle.fileno())) != self._identity:
             raise StackError(
                 "changed", "file changed while it was read (still being written?); not analysed", path
             )
         if not dtype.isnative:
             pixels = pixels.astype(dtype.newbyteorder("="))
-        return Channel(pixels=pixels, sha256=digest.hexdigest(), header=header)
+        return Channel(pixels=pixels, sha256=sha256, header=header)
 
 
 def _hash_fd(fd: int) -> str:
@@ -260,7 +279,11 @@ def open_channel(path: Path, limits: Limits = Limits()) -> Iterator[ChannelFile]
         header = _read_header(view, Path(path))
         _check_header(header, Path(path), limits)
         raw = raw_layout(view, header) if header.format == "tiff" and RAW_TIFF else None
-        yield ChannelFile(Path(path), handle, stat, header, raw)
+        opened = ChannelFile(Path(path), handle, stat, header, raw)
+        try:
+            yield opened
+        finally:
+            opened._settle()
     finally:
         handle.close()
 

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -106,23 +106,24 @@ def read_reduced(
     first: tuple[tuple[int, int], np.dtype] | None = None
     mismatch: StackError | None = None
     decoding = 0.0
-    for name in CHANNELS:
-        path = Path(paths[name])
-        with open_channel(path, limits) as file, _reserve(budget, file, reducer):
-            began = time.perf_counter()
-            channel = file.read()
-            decoding += time.perf_counter() - began
-            sha256[name] = channel.sha256
-            pixels = channel.pixels
-            del channel
-            if first is None:
-                first = (pixels.shape, pixels.dtype)
-            elif mismatch is None:
-                mismatch = _mismatch(name, pixels, first, path)
-            if mismatch is None:
-                samples[name] = quality.sample(name, pixels)
-                reducer.add(name, pixels)
-            del pixels  # the full-resolution channel goes before the next is decoded
+    with _Ahead(paths, limits) as ahead:
+        for name in CHANNELS:
+            path = Path(paths[name])
+            with ahead.open(name) as file, _reserve(budget, file, reducer):
+                began = time.perf_counter()
+                channel = file.read()
+                decoding += time.perf_counter() - began
+                sha256[name] = channel.sha256
+                pixels = channel.pixels
+                del channel
+                if first is None:
+                    first = (pixels.shape, pixels.dtype)
+                elif mismatch is None:
+                    mismatch = _mismatch(name, pixels, first, path)
+                if mismatch is None:
+                    samples[name] = quality.sample(name, pixels)
+                    reducer.add(name, pixels)
+                del pixels  # the full-resolution channel goes before the next is decoded
     if mismatch is not None:
         raise mismatch  # after every file was read: a file's own error comes first, as in read_stack
     again = tuple(reducer.stale())
@@ -148,6 +149,52 @@ def read_reduced(
         decode_seconds=decoding,
         decoded_again=again,
     )
+
+
+class _Ahead:
+    """The channel files of a stack opened one ahead: while a channel is decoded and reduced,
+    the next file is already being hashed on a helper thread (`ChannelFile.hash_ahead`: a
+    1 MB chunk at a time, no pixels held), so a stack's four sha256 runs overlap its decoding.
+    A file that cannot be opened raises its error in its own turn, as without the look-ahead."""
+
+    def __init__(self, paths: Mapping[str, Path], limits: Limits) -> None:
+        self._paths = paths
+        self._limits = limits
+        self._opened: dict[str, tuple[ExitStack, ChannelFile | StackError]] = {}
+
+    def _start(self, name: str) -> None:
+        if name in self._opened or name not in self._paths:
+            return
+        stack = ExitStack()
+        try:
+            file: ChannelFile | StackError = stack.enter_context(
+                open_channel(Path(self._paths[name]), self._limits)
+            )
+        except StackError as exc:
+            file = exc
+        if isinstance(file, ChannelFile):
+            file.hash_ahead()
+        self._opened[name] = (stack, file)
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[ChannelFile]:
+        self._start(name)
+        following = CHANNELS.index(name) + 1
+        if following < len(CHANNELS):
+            self._start(CHANNELS[following])
+        stack, file = self._opened.pop(name)
+        with stack:
+            if isinstance(file, StackError):
+                raise file
+            yield file
+
+    def __enter__(self) -> _Ahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stack, _ in self._opened.values():
+            stack.close()
+        self._opened.clear()
 
 
 def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> AbstractContextManager[None]:
