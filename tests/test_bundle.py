@@ -367,3 +367,97 @@ def test_a_bundle_whose_recipe_params_were_altered_is_refused(tmp_path: Path) ->
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"params .* differ"):
         load_bundle(folder)
+
+
+# A bundle exported end to end with a feature recipe: embed --features, train, export ----------
+RECIPE = "lite0-gap+hand-rgb"
+
+
+@pytest.fixture(scope="module")
+def recipe_export(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, int8 bundle) of the session's synthetic set with `lite0-gap+hand-rgb`,
+    made by the three commands as a user runs them (small forests)."""
+    from agent.cli import main
+    from export.conversion.make_bundle import export
+
+    work = tmp_path_factory.mktemp("recipe")
+    cache, model, bundle = work / "cache", work / "model", work / "bundle"
+    assert main(["embed", "--data", str(synthetic_set), "--out", str(cache), "--features", RECIPE,
+                 "--quiet"]) == 0  # fmt: skip
+    assert main(["train", "--embeddings", str(cache), "--labels", str(synthetic_set / "train.csv"),
+                 "--out", str(model), "--trees", "10", "--original-trees", "10", "--bootstrap", "50",
+                 "--jobs", "1"]) == 0  # fmt: skip
+    assert export(export_args(model=model, data=synthetic_set, out=bundle)) == 0
+    return model, bundle
+
+
+def test_a_bundle_exported_with_a_recipe_names_it_loads_and_passes_its_golden_vectors(
+    recipe_export: tuple[Path, Path],
+) -> None:
+    from agent.model.features import recipe
+
+    model, folder = recipe_export
+    found = recipe(RECIPE, 1)
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["embedding"]["features"] == found.entry(1280)  # the cache key, carried by train
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["features"] == found.entry(1280)
+    bundle = load_bundle(folder)
+    assert bundle.features is found
+    assert bundle.n_features == 1280 + 44
+    assert bundle.golden is not None
+    assert bundle.golden.labels_identical
+    assert bundle.golden.min_cosine > 0.9999
+    assert bundle.golden.max_probability_difference < 1e-5
+    assert bundle.trust.novelty is not None  # the novelty reference is on the recipe's vectors
+    assert bundle.trust.novelty.mean.shape == (1280 + 44,)
+
+
+def _predict(
+    folder: Path, stacks: dict[str, dict[str, Path]], capsys: pytest.CaptureFixture[str]
+) -> dict[str, np.ndarray]:
+    """`hpa-edge predict`'s scores per stack, in the order of LOCATIONS."""
+    from agent.cli import main
+
+    capsys.readouterr()
+    files = [str(path) for paths in stacks.values() for path in paths.values()]
+    assert main(["predict", "--bundle", str(folder), *files]) == 0
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return {d["stack_id"]: np.array([d["scores"][name] for name in LOCATIONS]) for d in documents}
+
+
+def test_the_agents_predict_gives_the_workstations_scores_with_a_recipe_bundle(
+    recipe_export: tuple[Path, Path],
+    synthetic_set: Path,
+    stack_source: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`hpa-edge predict` against the workstation: the int8 bundle's models through the recipe
+    (to float rounding); a float32 export of the same model against the float reference
+    (Keras, the recipe, scikit-learn) within what float32 against float64 allows."""
+    from agent.stacks.preprocess import preprocess
+    from agent.stacks.stack import find_stacks, read_stack
+    from export.conversion.make_bundle import export
+    from export.conversion.reference_pipeline import FloatReference
+
+    model, folder = recipe_export
+    stacks = dict(sorted(find_stacks(stack_source / "stacks").items())[:6])
+    int8 = _predict(folder, stacks, capsys)
+    assert int8.keys() == stacks.keys()
+    bundle = load_bundle(folder, check_golden=False)
+    images = {
+        s: preprocess(read_stack(s, paths).channels, bundle.preprocessing) for s, paths in stacks.items()
+    }
+    for stack_id, image in images.items():
+        exported = bundle.classifier(bundle.features(image[None], bundle.embedder(image[None])))[0]
+        np.testing.assert_allclose(int8[stack_id], exported, atol=2e-6)
+
+    float32 = tmp_path / "float32"
+    reference = FloatReference(model)
+    assert reference.features is bundle.features
+    assert export(export_args(model=model, data=synthetic_set, out=float32, quantization="float32")) == 0
+    scores = _predict(float32, stacks, capsys)
+    for stack_id, image in images.items():
+        floats = reference.classify(reference.embed(image))
+        np.testing.assert_allclose(scores[stack_id], floats, atol=1e-4)

@@ -150,6 +150,57 @@ def test_a_cache_made_with_another_backbone_seed_is_refused(tmp_path: Path) -> N
         cache.open(cache_key(BackboneSpec("b0", "random", seed=1), PREP))
 
 
+def test_the_cache_stores_the_recipes_vectors_under_a_key_that_names_the_recipe(tmp_path: Path) -> None:
+    from agent.model.features import recipe
+
+    gap_hand = recipe("lite0-gap+hand-rgb")
+    dataset = _dataset(tmp_path / "data", 3)
+    network = PixelStats()
+    embedder = Embedder(BackboneSpec("b0", "random", seed=0), PREP, gap_hand)
+    embedder._model = network
+    embed_dataset(dataset, embedder, EmbeddingCache(tmp_path / "cache"))
+    loaded = EmbeddingCache(tmp_path / "cache").load()
+    assert loaded.key["features"] == gap_hand.entry(1280)
+    assert loaded.features is gap_hand
+    images = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
+    expected = gap_hand(images, network.predict_on_batch(images))
+    assert loaded.vectors.shape == (3, 1280 + 44)
+    np.testing.assert_allclose(loaded.rows(dataset.ids), expected, rtol=1e-6)
+
+
+def test_a_cache_made_with_another_recipe_is_refused_and_one_from_before_recipes_is_lite0_gap(
+    tmp_path: Path,
+) -> None:
+    from agent.model.features import recipe
+
+    spec = BackboneSpec("b0", "random", seed=0)
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.open(cache_key(spec, PREP, recipe("hand-rgb")))
+    with pytest.raises(CacheError, match="differs in features"):
+        cache.open(cache_key(spec, PREP))
+    old = EmbeddingCache(tmp_path / "old")
+    key = cache_key(spec, PREP)
+    del key["features"]  # as written before recipes
+    old.open(key)
+    old.open(cache_key(spec, PREP))  # today's default resumes it
+    with pytest.raises(CacheError, match="differs in features"):
+        old.open(cache_key(spec, PREP, recipe("lite0-gap+hand-rgb")))
+    old.append(["s00"], ["f"], np.zeros((1, 1280), np.float32))
+    assert old.load().features.name == "lite0-gap"
+
+
+def test_vectors_of_another_width_than_the_recipe_gives_are_refused(tmp_path: Path) -> None:
+    from agent.model.features import FeatureError, recipe
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.open(cache_key(BackboneSpec("b0", "random", seed=0), PREP, recipe("lite0-gap+hand-rgb")))
+    cache.append(["s00"], ["f"], np.zeros((1, 1280), np.float32))
+    with pytest.raises(
+        FeatureError, match=r"1280 values per stack, recipe lite0-gap\+hand-rgb v1 gives 1324"
+    ):
+        _ = cache.load().features
+
+
 def test_a_non_empty_folder_that_is_not_a_cache_is_not_written_into(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
@@ -216,4 +267,9 @@ def test_embed_command_refuses_bad_options_before_any_work(
     )
     assert code == 2
     assert "must name 3 input slots" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    code = main(["embed", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
+                 "--features", "hand-rgb", "--channels", "green,red,blue"])  # fmt: skip
+    assert code == 2
+    assert "recipe hand-rgb v1 reads red from input slot 0" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

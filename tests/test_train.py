@@ -383,7 +383,7 @@ def test_the_joint_model_experiment_reports_both_and_a_decision() -> None:
 
 def _cache(folder: Path, x: np.ndarray, ids: list[str]) -> None:
     cache = EmbeddingCache(folder)
-    cache.open(cache_key(BackboneSpec("b0", "random"), Preprocessing(size=64)))
+    cache.open(cache_key(BackboneSpec("b0", "random"), Preprocessing(size=64), dim=x.shape[1]))
     cache.append(ids, ["f"] * len(ids), x)
 
 

@@ -96,6 +96,8 @@ def mismatch(bundle: Bundle, reference: FloatReference) -> list[str]:
         found.append(f"backbone {bundle.manifest['backbone']['name']} vs {reference.spec.name}")
     if bundle.preprocessing != reference.preprocessing:
         found.append("preprocessing")
+    if bundle.features is not reference.features:
+        found.append(f"features {bundle.features.name} vs {reference.features.name}")
     return found
 
 

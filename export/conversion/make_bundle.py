@@ -2,13 +2,17 @@
 
 1. Rebuild the float backbone recorded in the model's embedding key; convert it to TFLite
    (int8 with uint8 input by default, calibrated on real training stacks; float16/float32).
+   The key's feature recipe (`agent.model.features`, `lite0-gap` v1 when a key predates
+   recipes) turns every embedding below into the classifiers' input, on both sides, as the
+   device does; the manifest records it as `features` (name, version, params, layout).
 2. Merge the 28 forests into one ONNX graph; check it against scikit-learn (probabilities
-   within 1e-5, identical labels) on float embeddings.
+   within 1e-5, identical labels) on the recipe's vectors of float embeddings.
 3. Fidelity on held-out stacks: the exported pipeline (LiteRT + ONNX Runtime) against the float
    reference (Keras + scikit-learn). When identical label sets fall below the gate, export
    fails, or with --fallback float16,float32 redoes the backbone in the next precision and
    says so.
-4. Write the bundle: the two models, golden vectors, `manifest.json` (hashes of every file),
+4. Write the bundle: the two models, golden vectors (preprocessed inputs, their exported
+   embeddings, and the probabilities of those through the recipe), `manifest.json` (hashes of every file),
    `fidelity.json`; then load it with the device code (`agent.model.bundle.load_bundle`).
 
 What the device needs to say how far to trust an answer goes in the manifest too (all
@@ -16,9 +20,9 @@ optional, so older bundles still load): `locations` (per location its status, "t
 "not trained" or "not predicted", its training positives, threshold, margin and, when it is
 never predicted, the reason; such a location has no forest in the ONNX graph and threshold
 1.0), `novelty` with `novelty.npz` (the reference of `agent.model.novelty` fitted on the
-training features, and its threshold), and `quality.reference` (training ranges of the
-image-quality figures of `agent.stacks.quality`, measured on the calibration stacks' raw
-channels, when that module is installed).
+training features, i.e. the recipe's vectors, and its threshold), and `quality.reference`
+(training ranges of the image-quality figures of `agent.stacks.quality`, measured on the
+calibration stacks' raw channels, when that module is installed).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.model import features as feature_recipes
 from agent.model.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
+from agent.model.features import FeatureError, Recipe
 from agent.model.runtimes import load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.model.thresholds import apply
@@ -72,6 +78,7 @@ class Trained:
     classifier: LocationForests
     spec: BackboneSpec
     prep: Preprocessing
+    features: Recipe = feature_recipes.DEFAULT  # embedding -> the classifiers' input
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -116,7 +123,20 @@ def read_model(folder: Path, weights: str | None) -> Trained:
     else:
         spec = BackboneSpec(backbone["name"], recorded, int(backbone.get("seed", 0)))
     prep = Preprocessing.from_dict(meta["embedding"]["preprocessing"])
-    return Trained(folder, meta, classifier, spec, prep)
+    key = meta["embedding"]
+    try:
+        recipe = feature_recipes.from_manifest(key.get("features"), key.get("dim"))
+        recipe.check_slots(prep.slots)
+    except FeatureError as exc:
+        raise ExportError(f"{folder}: {exc}") from None
+    width = recipe.width(int(key.get("dim", 1280)))
+    n_features = getattr(classifier, "n_features_in_", width)
+    if n_features != width:
+        raise ExportError(
+            f"{folder}: the classifiers take {n_features} values, recipe {recipe.name} v{recipe.version} "
+            f"gives {width}"
+        )
+    return Trained(folder, meta, classifier, spec, prep, recipe)
 
 
 def _classifier(folder: Path, pickled: Any, meta: dict[str, Any]) -> LocationForests:
@@ -264,6 +284,7 @@ def write_bundle(
             np.savez_compressed(handle, **arrays)
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     backbone = dict(trained.meta["embedding"]["backbone"])
+    embedding_dim = int(golden["embeddings"].shape[1])
     if backbone["name"] == "lite0" and backbone["weights"] == "imagenet":
         backbone["licence"] = LITE0_LICENCE
         (out / "LICENSE-efficientnet-lite0").write_text(_lite0_notice(), encoding="utf-8")
@@ -289,6 +310,7 @@ def write_bundle(
         "evaluation": trained.meta["figures"],
         "fidelity": report,
         "golden": {**GOLDEN_TOLERANCE, "n": len(golden["images"])},
+        "features": trained.features.entry(embedding_dim),
         "locations": trained.locations(),
         "versions": {
             "hpa-edge": _version(),
@@ -343,11 +365,14 @@ def export(args: argparse.Namespace) -> int:
     _, held, truth = stack_images(dataset, held_ids, trained.prep)
     print(f"export: {len(calibration)} calibration stacks, {len(held)} held-out stacks for fidelity")
     keras_model = build(trained.spec, trained.prep.size)
+    recipe = trained.features
     ref_emb = np.asarray(keras_model.predict(held.astype(np.float32), verbose=0), dtype=np.float32)
-    ref_prob = trained.classifier.predict_proba(ref_emb)
-    onnx = forests_to_onnx(trained.classifier.forests_, ref_emb.shape[1])
+    ref_x = recipe(held, ref_emb)  # the classifiers' input, as the device computes it
+    print(f"export: features {recipe.name} v{recipe.version} ({ref_x.shape[1]} values)")
+    ref_prob = trained.classifier.predict_proba(ref_x)
+    onnx = forests_to_onnx(trained.classifier.forests_, ref_x.shape[1])
     classifier = load_classifier(onnx)
-    parity, flips, ties = onnx_parity(classifier(ref_emb), ref_prob, trained.thresholds)
+    parity, flips, ties = onnx_parity(classifier(ref_x), ref_prob, trained.thresholds)
     print(
         f"export: ONNX vs scikit-learn: max probability difference {parity:.2e}, "
         f"{flips} label flips, {ties} ties"
@@ -363,11 +388,12 @@ def export(args: argparse.Namespace) -> int:
             keras_model, quantization, calibration if quantization.startswith("int8") else None
         )
         exp_emb = load_embedder(tflite)(held)
+        exp_x = recipe(held, exp_emb)
         report = fidelity(
-            (ref_emb, ref_prob), (exp_emb, classifier(exp_emb)), trained.thresholds, truth, args.seed
+            (ref_emb, ref_prob), (exp_emb, classifier(exp_x)), trained.thresholds, truth, args.seed
         )
         report.update(quantization=quantization, onnx_parity_max_difference=parity, gate=args.min_identical)
-        report.update(novelty_figures(trained, ref_emb, exp_emb))
+        report.update(novelty_figures(trained, ref_x, exp_x))
         attempts.append(
             {"quantization": quantization, "identical_label_sets": report["identical_label_sets"]}
         )
@@ -398,12 +424,12 @@ def export(args: argparse.Namespace) -> int:
     report["attempts"] = attempts
     if trained.spec.weights == "random":
         report["caveat"] = "measured with random backbone weights: says little about real ImageNet weights"
-    # The golden stacks are the first held-out ones, already run through the exported pipeline.
-    golden_emb = exp_emb[: args.golden]
+    # The golden stacks are the first held-out ones, already run through the exported pipeline
+    # (embedder, recipe, classifiers); the embeddings are the embedder's, before the recipe.
     golden = {
         "images": held[: args.golden],
-        "embeddings": golden_emb,
-        "probabilities": classifier(golden_emb),
+        "embeddings": exp_emb[: args.golden],
+        "probabilities": classifier(exp_x[: args.golden]),
     }
     write_bundle(
         args.out, trained, tflite, onnx, golden, quantization, report, args.purpose, quality_reference

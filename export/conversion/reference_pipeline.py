@@ -1,6 +1,7 @@
 """The float reference `hpa-edge compare` times beside the device pipeline.
 
-Keras EfficientNet (the backbone the model was embedded with, float32) plus the trained
+Keras EfficientNet (the backbone the model was embedded with, float32), the model's feature
+recipe (`agent.model.features`, timed with the embedding as on the device) and the trained
 `LocationForests` from `classifiers.pkl`, loaded once and run one stack at a time, each
 forest asked on its own, as the original study's prediction code did. Pixels come from the
 same `preprocess` as the device's, so only the models differ.
@@ -22,14 +23,16 @@ class FloatReference:
         self.preprocessing = trained.prep
         self.spec = trained.spec
         self.classifier = trained.classifier
+        self.features = trained.features
         self.network = build(trained.spec, trained.prep.size)
         self.embed(np.zeros((trained.prep.size, trained.prep.size, 3), np.uint8))  # build the graph once
 
     def embed(self, image: np.ndarray) -> np.ndarray:
-        """uint8 S x S x 3 -> 1 x 1280 float32, one stack per call."""
+        """uint8 S x S x 3 -> 1 x F float32 (the recipe's vector of the embedding), one stack per call."""
         x = image[None].astype(np.float32)
-        return np.asarray(self.network(x, training=False), dtype=np.float32)
+        embedding = np.asarray(self.network(x, training=False), dtype=np.float32)
+        return self.features(image[None], embedding)
 
     def classify(self, embedding: np.ndarray) -> np.ndarray:
-        """1 x 1280 -> 28 probabilities, one forest at a time (a location without a forest scores 0)."""
+        """1 x F -> 28 probabilities, one forest at a time (a location without a forest scores 0)."""
         return np.asarray(self.classifier.predict_proba(embedding)[0])

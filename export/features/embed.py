@@ -1,17 +1,22 @@
-"""`hpa-edge embed`: turn every stack of a labelled data set into a 1280-d embedding, once.
+"""`hpa-edge embed`: turn every stack of a labelled data set into the classifiers' input, once.
 
 Stacks are read from disk a batch at a time (the next batch is decoded while the network
 runs on this one) and pixels come from `agent.stacks.preprocess.preprocess`, the function the device
-uses, so training and inference see identical input. The cache is a folder:
+uses, so training and inference see identical input. The network's 1280-d embedding then goes
+through the feature recipe chosen with `--features` (`agent.model.features`, the function the
+device applies; default `lite0-gap` v1, the embedding as it is), and the cache stores the
+recipe's vectors, the ones `hpa-edge train` fits the forests on. The cache is a folder:
 
-    cache.json          the key: backbone + weights identity + preprocessing (+ format)
-    part-000000.npz     shards of ids, stack fingerprints and float32 embeddings
+    cache.json          the key: backbone + weights identity + preprocessing + feature recipe
+                        (name, version, params, layout) (+ format)
+    part-000000.npz     shards of ids, stack fingerprints and float32 feature vectors
     failures.json       the stacks the last run could not read, with the reason
 
 A rerun skips stacks already in the cache whose files are unchanged (the device's stack
 fingerprint over the four files' sha256), so an interrupted run resumes where it stopped; a
-cache made with another backbone, weights, preprocessing or cache format is refused, never
-mixed. Memory stays bounded by one shard.
+cache made with another backbone, weights, preprocessing, feature recipe or cache format is
+refused, never mixed. A key without a recipe (written before recipes existed) is `lite0-gap`
+v1. Memory stays bounded by one shard.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.model import features as feature_recipes
+from agent.model.features import FeatureError, Recipe
 from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
@@ -47,13 +54,33 @@ class CacheError(ValueError):
     """The cache folder is unusable for this request (other key, damaged shard)."""
 
 
-def cache_key(spec: BackboneSpec, prep: Preprocessing) -> dict[str, Any]:
+def cache_key(
+    spec: BackboneSpec,
+    prep: Preprocessing,
+    features: Recipe = feature_recipes.DEFAULT,
+    dim: int = EMBEDDING_DIM,
+) -> dict[str, Any]:
+    """What a cache's vectors depend on; `dim` is the embedder's output, `features` the recipe's
+    manifest entry (its layout gives the stored vectors' width)."""
     return {
         "format": CACHE_FORMAT,
         "backbone": spec.identity(),
         "preprocessing": prep.to_dict(),
-        "dim": EMBEDDING_DIM,
+        "dim": dim,
+        "features": features.entry(dim),
     }
+
+
+def with_recipe(key: Mapping[str, Any]) -> dict[str, Any]:
+    """A cache key with its `features` entry; a key from before recipes is `lite0-gap` v1."""
+    if "features" in key:
+        return dict(key)
+    return {**key, "features": feature_recipes.DEFAULT.entry(int(key.get("dim", EMBEDDING_DIM)))}
+
+
+def key_recipe(key: Mapping[str, Any]) -> Recipe:
+    """The registered recipe a cache key names (FeatureError when this code does not know it)."""
+    return feature_recipes.from_manifest(with_recipe(key)["features"], int(key.get("dim", EMBEDDING_DIM)))
 
 
 def file_fingerprint(paths: Mapping[str, Path]) -> str:
@@ -64,8 +91,20 @@ def file_fingerprint(paths: Mapping[str, Path]) -> str:
 @dataclass(frozen=True)
 class Embeddings:
     ids: list[str]
-    vectors: np.ndarray  # N x 1280 float32
+    vectors: np.ndarray  # N x F float32: the recipe's vectors (1280 for lite0-gap)
     key: dict[str, Any]
+
+    @property
+    def features(self) -> Recipe:
+        """The recipe that made the vectors; FeatureError when unknown or not what the key says."""
+        recipe = key_recipe(self.key)
+        width = recipe.width(int(self.key.get("dim", EMBEDDING_DIM)))
+        if self.vectors.shape[1] != width:
+            raise FeatureError(
+                f"the cache holds {self.vectors.shape[1]} values per stack, recipe {recipe.name} "
+                f"v{recipe.version} gives {width}"
+            )
+        return recipe
 
     def rows(self, wanted: Sequence[str]) -> np.ndarray:
         index = {sid: i for i, sid in enumerate(self.ids)}
@@ -85,7 +124,7 @@ class EmbeddingCache:
     def open(self, key: dict[str, Any]) -> None:
         """Create the cache for `key`, or check that an existing one was made with it."""
         if self.key_file.exists():
-            found = self.read_key()
+            found = with_recipe(self.read_key())
             if found.get("format") != key["format"]:
                 raise CacheError(
                     f"{self.folder} was made by an older hpa-edge (cache format {found.get('format')}; this "
@@ -93,7 +132,7 @@ class EmbeddingCache:
                     "cannot resume it (train and auc still read it): delete it and rerun embed, or use "
                     "another --out folder"
                 )
-            if found != key:
+            if found != with_recipe(key):
                 raise CacheError(
                     f"{self.folder} holds embeddings made with other settings "
                     f"({_difference(found, key)}); use another --out folder or delete this one"
@@ -153,7 +192,7 @@ class EmbeddingCache:
             raise CacheError(f"{self.folder} holds no embeddings yet")
         everything = np.concatenate(blocks)
         ids = list(index)
-        return Embeddings(ids, everything[[index[s] for s in ids]], key)
+        return Embeddings(ids, everything[[index[s] for s in ids]], with_recipe(key))
 
     def _load(self, shard: Path) -> Any:
         try:
@@ -163,10 +202,13 @@ class EmbeddingCache:
 
 
 class Embedder:
-    """Pixels in, embeddings out: the Keras model for one backbone spec and preprocessing."""
+    """Pixels in, embeddings out: the Keras model for one backbone spec and preprocessing, and
+    the feature recipe that turns its output into the classifiers' input (`vectors`)."""
 
-    def __init__(self, spec: BackboneSpec, prep: Preprocessing) -> None:
-        self.spec, self.prep = spec, prep
+    def __init__(
+        self, spec: BackboneSpec, prep: Preprocessing, features: Recipe = feature_recipes.DEFAULT
+    ) -> None:
+        self.spec, self.prep, self.features = spec, prep, features
         self._model: Any = None
 
     @property
@@ -178,6 +220,10 @@ class Embedder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict_on_batch(images.astype(np.float32)), dtype=np.float32)
+
+    def vectors(self, images: np.ndarray) -> np.ndarray:
+        """What the cache stores: the recipe applied to the images and the network's output."""
+        return self.features(images, self(images))
 
 
 @dataclass
@@ -197,7 +243,7 @@ def embed_dataset(
     progress: Progress | None = None,
 ) -> EmbedReport:
     """Embed every stack not already cached with unchanged files; report what failed and why."""
-    cache.open(cache_key(embedder.spec, embedder.prep))
+    cache.open(cache_key(embedder.spec, embedder.prep, embedder.features))
     known = cache.fingerprints()
     report = EmbedReport(total=len(dataset))
     todo: list[Sample] = []
@@ -216,7 +262,7 @@ def embed_dataset(
     ):
         report.failures.extend(failed)
         if images is not None:
-            vectors = embedder(images)
+            vectors = embedder.vectors(images)
             pending[0].extend(batch_ids)
             pending[1].extend(batch_prints)
             pending[2].append(vectors)
@@ -321,6 +367,17 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed for random weights (default 0)")
 
 
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    names = sorted({name for name, _ in feature_recipes.RECIPES})
+    parser.add_argument(
+        "--features",
+        default=feature_recipes.DEFAULT_NAME,
+        choices=names,
+        help="feature recipe applied to the embedding, newest version (agent.model.features; recorded in "
+        f"the cache key, the model and the bundle's manifest; default {feature_recipes.DEFAULT_NAME})",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with the channel files")
     parser.add_argument("--labels", type=Path, help="Id,Target label file (default: DATA/train.csv)")
@@ -334,6 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="stacks per network call (default 16)")
     parser.add_argument("--shard-size", type=int, default=512, help="stacks per cache shard (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_feature_arguments(parser)
     add_backbone_arguments(parser)
     add_preprocessing_arguments(parser)
 
@@ -343,10 +401,12 @@ def run(args: argparse.Namespace) -> int:
         prep = preprocessing_from_args(args)
         spec = BackboneSpec(args.backbone, args.weights, args.seed)
         spec.identity()
+        recipe = feature_recipes.recipe(args.features)
+        recipe.check_slots(prep.slots)
         dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing=args.missing)
         cache = EmbeddingCache(args.out)
-        cache.open(cache_key(spec, prep))
-        embedder = Embedder(spec, prep)
+        cache.open(cache_key(spec, prep, recipe))
+        embedder = Embedder(spec, prep, recipe)
         if spec.name == "lite0" and spec.weights == "imagenet":
             lite0_weights_path()  # a missing weights package is a start-up error, not a late one
     except (ValueError, DatasetError, BackboneError, CacheError) as exc:
@@ -368,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"embed: {report.embedded} embedded, {report.skipped} already cached, {len(failures)} failed "
         f"of {report.total}; backbone {spec.name} weights {spec.weights}; "
-        f"input {prep.size} px, channels {format_slots(prep.slots)}; cache {args.out}"
+        f"input {prep.size} px, channels {format_slots(prep.slots)}; features {recipe.name} "
+        f"v{recipe.version} ({recipe.width(EMBEDDING_DIM)} values); cache {args.out}"
     )
     return 1 if failures else 0

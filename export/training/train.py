@@ -1,6 +1,9 @@
 """`hpa-edge train`: fit the 28 per-location classifiers on cached embeddings and evaluate them honestly.
 
 1. Join the label file with the embedding cache (optionally only the ids in --include-ids).
+   The cache holds its feature recipe's vectors (`hpa-edge embed --features`); they are what
+   the forests, their margins and the novelty reference are fitted on, and the cache key (with
+   the recipe's manifest entry) goes into model.json for `hpa-edge export`.
 2. Hold out a multilabel-stratified test split; it is scored once, at the end.
 3. Fit `LocationForests` on the training part: a location with fewer than --min-positives
    training positives is not trained; out-of-fold scores from a multilabel-stratified
@@ -377,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
         )
         labels = {row.stack_id: row.labels for row in read_labels(args.labels)}
         embeddings = EmbeddingCache(args.embeddings).load()
+        recipe = embeddings.features  # refuses a recipe this code does not know, or a width it does not give
         include = read_id_list(args.include_ids) if args.include_ids else None
         ids, lacking = join(embeddings, labels, include)
         if include is not None and (unknown := include - set(labels)):
@@ -397,5 +401,8 @@ def run(args: argparse.Namespace) -> int:
     model = train(x, y, ids, settings, name)
     save(model, args.out, embeddings.key, settings)
     print(summary_text(model.evaluation), end="")
-    print(f"train: model and report in {args.out} ({time.monotonic() - started:.0f} s)")
+    print(
+        f"train: features {recipe.name} v{recipe.version} ({x.shape[1]} values); "
+        f"model and report in {args.out} ({time.monotonic() - started:.0f} s)"
+    )
     return 0
