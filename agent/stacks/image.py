@@ -12,6 +12,11 @@ decoded size once (OpenCV >= 4.10; older versions make one more copy on the way 
 elsewhere, or where a sandbox hides /proc/self/fd, the bytes are read once, hashed and
 decoded from memory as before. `decode_cost` says how much a channel may take, for
 `agent.stacks.budget`.
+
+Speed: an uncompressed TIFF laid out simply is read straight into its pixel array, without a
+decoder (`raw_layout`; the same pixels as OpenCV's); the sha256 of a file can be computed on a
+helper thread ahead of or beside its decoding (`ChannelFile.hash_ahead`, HASH_BESIDE_BYTES),
+always of the file's exact bytes (docs/benchmark.md#per-stack-at-2048-x-2048).
 """
 
 from __future__ import annotations
