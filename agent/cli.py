@@ -70,6 +70,11 @@ COMMANDS: dict[str, Command] = {
     "query": Command(
         "agent.tools.query", "the facility's canned questions over the collector's database", "collector"
     ),
+    "reanalyse": Command(
+        "agent.tools.reanalyse",
+        "run a bundle over an archive of stacks on a Dask cluster, into the collector's database",
+        "reanalyse",
+    ),
     "collect-bench": Command(
         "agent.tools.collect_bench",
         "results per second into the collector's database from a simulated fleet of instruments",
