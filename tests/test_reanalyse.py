@@ -118,6 +118,8 @@ def test_a_killed_worker_has_its_tasks_run_again_and_nothing_is_stored_twice(arc
         summary = reanalyse.reanalyse(
             client, stacks_of(archive), DEMO, sha, db, chunk=1, progress=kill_one_busy_worker
         )
+        # the scheduler saw the worker die (its tasks could only finish elsewhere, or on its successor)
+        assert killed[0] not in client.scheduler_info()["workers"]
     assert killed
     assert (summary.analysed, summary.failed, summary.lost) == (N, 0, 0)
     assert db.rows("SELECT count(*), count(DISTINCT stack_id) FROM results")[1] == [(N, N)]
