@@ -169,3 +169,35 @@ def test_a_worker_refuses_a_bundle_whose_hash_differs_and_its_stacks_are_lost(ar
     assert (summary.analysed, summary.lost) == (0, 3)
     assert db.rows("SELECT count(*) FROM results")[1] == [(0,)]
     db.close()
+
+
+def test_into_postgresql_and_resumed(client, tmp_path, capsys):
+    from tests.postgres import cluster
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(4):
+        write_stack(archive, f"pg{i}", seed=200 + i)
+    with cluster() as server:
+        url = server.create_database("reanalysed")
+        args = [
+            "reanalyse",
+            "--bundle",
+            str(DEMO),
+            str(archive),
+            "--db",
+            url,
+            "--scheduler",
+            client.scheduler.address,
+        ]
+        assert main(args) == 0
+        assert json.loads(capsys.readouterr().out)["analysed"] == 4
+        assert main(args) == 0
+        assert json.loads(capsys.readouterr().out)["skipped"] == 4
+        db = open_database(url)
+        assert db.rows("SELECT count(*), count(DISTINCT stack_id) FROM results")[1] == [(4, 4)]
+        _, [(labels, n_labels)] = db.rows(
+            "SELECT (SELECT count(*) FROM result_labels), (SELECT sum(n_labels) FROM results)"
+        )
+        assert labels == n_labels
+        db.close()
