@@ -92,13 +92,13 @@ def running(config: Config, bundle: Bundle) -> Iterator[Agent]:
 
 
 def agent_threads() -> list[str]:
-    """The agent's own threads still alive: the publisher and watchdog's observer threads."""
+    """The agent's own threads still alive: the drainer, its connect, the inotify reader, the
+    systemd watchdog pinger and the decode threads."""
     return [
         t.name
         for t in threading.enumerate()
-        if t.name in ("mqtt-publisher", "systemd-watchdog")
+        if t.name in ("mqtt-drainer", "mqtt-connect", "inotify", "systemd-watchdog")
         or t.name.startswith("decode")
-        or type(t).__module__.startswith("watchdog")
     ]
 
 

@@ -17,7 +17,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def setup(level: str = "info", stream: Any = None) -> None:
     """Send the agent's events to `stream` (stdout) as bare lines; journald adds the time.
-    Warnings that libraries log through `logging` (e.g. watchdog's observer) become
+    Warnings that libraries log through `logging` (e.g. paho's) become
     `library_log` events, so every line in the journal still splits into its pairs."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
