@@ -14,12 +14,18 @@ from tests.agent_harness import config_for, drop, running, stack_files
 from tests.broker import Subscriber
 
 
+def decode(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR, as OpenCV decodes
+    assert image is not None
+    return image
+
+
 def test_a_thumbnail_keeps_the_hpa_colours_of_the_model_input() -> None:
     image = np.zeros((224, 224, 3), np.uint8)
     image[:, :, 1] = 200  # the protein slot: green
     made = thumbnail.make(image, size=256)
-    decoded = cv2.imdecode(np.frombuffer(made.data, np.uint8), cv2.IMREAD_COLOR)
-    blue, green, red = (float(decoded[:, :, i].mean()) for i in range(3))  # OpenCV decodes BGR
+    decoded = decode(made.data)
+    blue, green, red = (float(decoded[:, :, i].mean()) for i in range(3))
     assert green > 180
     assert max(blue, red) < 20
     assert (made.width, made.height) == (224, 224)  # never enlarged
@@ -27,8 +33,7 @@ def test_a_thumbnail_keeps_the_hpa_colours_of_the_model_input() -> None:
 
 def test_a_large_input_is_shrunk_to_the_size_asked_for() -> None:
     made = thumbnail.make(np.full((512, 384, 3), 90, np.uint8), size=128)
-    decoded = cv2.imdecode(np.frombuffer(made.data, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape[:2] == (128, 96)
+    assert decode(made.data).shape[:2] == (128, 96)
     assert made.entry()["sha256"] == hashlib.sha256(made.data).hexdigest()
 
 
@@ -51,7 +56,7 @@ def test_the_agent_publishes_the_thumbnail_retained_and_the_result_names_it(
     picture = subscriber.on("thumbnail")[0].payload
     assert result["thumbnail"]["sha256"] == hashlib.sha256(picture).hexdigest()
     assert result["thumbnail"]["bytes"] == len(picture)
-    assert cv2.imdecode(np.frombuffer(picture, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (
+    assert decode(picture).shape[:2] == (
         result["thumbnail"]["height"],
         result["thumbnail"]["width"],
     )
