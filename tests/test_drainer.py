@@ -549,3 +549,23 @@ def test_a_dns_server_that_never_answers_does_not_stop_the_beat(tmp_path: Path, 
     assert "mqtt_connect_failed" in result["events"]
     assert result["stalest_beat_s"] < result["connect_s"] / 2  # the lookup hung, the loop did not
     assert not result["alive"]
+
+
+@pytest.mark.integration
+def test_wake_ends_the_mqtt_sinks_poll_early(broker: Any) -> None:
+    """What lets a committed result leave at once instead of at the end of the drainer's poll."""
+    from agent.service.mqtt_client import Broker as MqttBroker
+    from agent.service.sinks.mqtt import MqttSink
+
+    sink = MqttSink(MqttBroker("127.0.0.1", broker.port), "wake-test", "hpa-edge/wake", 5)
+    sink.connect()
+    try:
+        assert wait_for(lambda: bool(sink.poll(0.05) is not None and sink.ready))
+        waker = threading.Timer(0.2, sink.wake)
+        waker.start()
+        started = time.monotonic()
+        sink.poll(30.0)
+        assert time.monotonic() - started < 15.0  # woken, not the 30 s timeout
+        waker.join()
+    finally:
+        sink.close(goodbye=False)

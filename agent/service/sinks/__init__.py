@@ -65,6 +65,9 @@ class Sink(Protocol):
     def send_stats(self, payload: bytes) -> None:
         """Best effort, never retried: a newer one follows."""
 
+    # Optional: `wake(self) -> None`, callable from any thread, ends a running `poll` early (the
+    # drainer calls it when new rows are committed; a sink without it is polled every 50 ms).
+
     def send_status(self, payload: bytes) -> None:
         """The instrument's state (`online`, `degraded`), best effort; a sink that has no such
         channel ignores it. The drainer sends it again after every reconnect."""

@@ -24,6 +24,7 @@ retained, so a dashboard that joins late shows counters at once.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -123,6 +124,14 @@ class MqttSink:
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.ContentType = "image/jpeg"
         return properties
+
+    def wake(self) -> None:
+        """Any thread: end the current `poll` early. paho wakes its own select through this
+        socket pair when another thread publishes; a byte on it does the same here."""
+        pair = getattr(self._client, "_sockpairW", None)
+        if pair is not None:
+            with contextlib.suppress(OSError):
+                pair.send(b"0")
 
     def poll(self, timeout: float) -> list[Answer]:
         import paho.mqtt.client as mqtt
