@@ -70,7 +70,7 @@ DEMO_WORK ?= /tmp/hpa-edge-demo
 demo-bundle: $(STAMP)
 	rm -rf $(DEMO_WORK) models/demo.new
 	$(VENV)/bin/hpa-edge synth --out $(DEMO_WORK)/data --n 1500 --seed 7 --quiet
-	$(VENV)/bin/hpa-edge embed --data $(DEMO_WORK)/data --out $(DEMO_WORK)/cache --quiet
+	$(VENV)/bin/hpa-edge embed --data $(DEMO_WORK)/data --out $(DEMO_WORK)/cache --features lite0-gap+hand-rgb --quiet
 	$(VENV)/bin/hpa-edge train --embeddings $(DEMO_WORK)/cache --labels $(DEMO_WORK)/data/train.csv \
 		--out $(DEMO_WORK)/model --name "synthetic demo (1,500 stacks, seed 7)"
 	$(VENV)/bin/hpa-edge export --model $(DEMO_WORK)/model --data $(DEMO_WORK)/data --out models/demo.new \

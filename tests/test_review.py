@@ -160,16 +160,24 @@ def with_novelty(tmp_path: Path, n_features: int, entry: dict[str, object]) -> P
     return folder
 
 
+def demo_width() -> int:
+    """The demo bundle's feature width (its recipe's layout: 1,280 embedding + hand features)."""
+    manifest = json.loads((Path(__file__).resolve().parent.parent / "models/demo/manifest.json").read_text())
+    return sum(part["length"] for part in manifest["features"]["layout"])
+
+
 @pytest.mark.integration
 def test_a_novelty_reference_for_other_features_is_refused(tmp_path: Path) -> None:
     folder = with_novelty(tmp_path, 10, {"threshold": 3.0})
-    with pytest.raises(BundleError, match="novelty reference is not for 1280 features"):
+    with pytest.raises(BundleError, match=f"novelty reference is not for {demo_width()} features"):
         load_bundle(folder, check_golden=False)
 
 
 @pytest.mark.integration
 def test_a_novelty_file_of_the_other_formula_than_the_manifest_says_is_refused(tmp_path: Path) -> None:
     """The threshold was set for one formula: a reference without residual_scale cannot use it."""
-    folder = with_novelty(tmp_path, 1280, {"threshold": 3.0, "method": "pca-whitened-rms-or-residual"})
+    folder = with_novelty(
+        tmp_path, demo_width(), {"threshold": 3.0, "method": "pca-whitened-rms-or-residual"}
+    )
     with pytest.raises(BundleError, match="holds a pca-whitened-rms reference, the manifest says"):
         load_bundle(folder, check_golden=False)
