@@ -160,7 +160,7 @@ class Pipeline:
         picture = None
         if self.thumbnail_size:
             made = thumbnail.make(ready.image, self.thumbnail_size)
-            document["thumbnail"] = made.entry()
+            document["thumbnail"] = {**made.entry(), "ms": round((time.perf_counter() - done) * 1e3, 3)}
             picture = made.data
         return Analysis(stack_id, "result", fingerprint, document, dict(stack.paths), started, picture)
 

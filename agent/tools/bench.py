@@ -39,6 +39,7 @@ import numpy as np
 from agent.model.bundle import Bundle, load_bundle
 from agent.model.pipeline import Pipeline
 from agent.service import log
+from agent.service.config import ThumbnailsConfig
 from agent.service.mqtt_client import Broker, add_broker_arguments, broker_from_args, make_client
 from agent.service.recorder import record_of
 from agent.service.state import Ledger
@@ -46,7 +47,7 @@ from agent.stacks.naming import NamingScheme
 from agent.stacks.stack import find_stacks
 from agent.tools.bench_agent import LANDING_CASES, burst, cycle, landing, read_text, startup
 
-STAGES = ("decode", "preprocess", "embed", "classify", "commit", "end_to_end")
+STAGES = ("decode", "preprocess", "embed", "classify", "thumbnail", "commit", "end_to_end")
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -264,6 +265,7 @@ def pipeline_loop(
         row = {"iteration": len(rows), "stack": stack_id}
         for stage in ("decode", "preprocess", "embed", "classify"):
             row[stage] = doc[f"{stage}_ms"]
+        row["thumbnail"] = doc["thumbnail"]["ms"]
         row["commit"] = round((end - committed) * 1e3, 4)
         row["end_to_end"] = round((end - start) * 1e3, 4)
         if trip is not None:
@@ -284,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         bundle = load_bundle(args.bundle, threads=args.threads)
         init_s = time.perf_counter() - start
-        pipeline = Pipeline(bundle, "bench")
+        pipeline = Pipeline(bundle, "bench", thumbnail_size=ThumbnailsConfig.size)  # as the agent
         first_id, first_paths = stacks[0]
         start = time.perf_counter()
         pipeline.analyse(first_id, first_paths)
