@@ -177,7 +177,8 @@ def test_derived_names_follow_the_instrument() -> None:
 
 
 def test_sections_are_all_described() -> None:
-    assert set(SECTIONS) == {"watch", "files", "stack", "bundle", "state", "mqtt", "homeassistant", "thumbnails"}
+    expected = {"watch", "files", "stack", "bundle", "state", "mqtt", "homeassistant", "thumbnails"}
+    assert set(SECTIONS) == expected
 
 
 def test_check_config_exits_zero_on_a_good_file_and_prints_sources(
