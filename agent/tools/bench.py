@@ -265,7 +265,8 @@ def pipeline_loop(
         row = {"iteration": len(rows), "stack": stack_id}
         for stage in ("decode", "preprocess", "embed", "classify"):
             row[stage] = doc[f"{stage}_ms"]
-        row["thumbnail"] = doc["thumbnail"]["ms"]
+        # 0 for a pipeline that makes no thumbnails (`hpa-edge compare`)
+        row["thumbnail"] = doc["thumbnail"]["ms"] if "thumbnail" in doc else 0.0
         row["commit"] = round((end - committed) * 1e3, 4)
         row["end_to_end"] = round((end - start) * 1e3, 4)
         if trip is not None:
