@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,9 @@ class _SqliteTransaction:
         return self.connection.execute(sql, params).fetchall()
 
 
+OPEN_RETRY_SECONDS = 30.0  # how long a collector waits for another to finish setting up the file
+
+
 class SqliteDatabase:
     dialect = "sqlite"
 
@@ -110,15 +114,25 @@ class SqliteDatabase:
         self.path = path
         if path.parent != Path() and not path.parent.is_dir():
             raise DatabaseError(f"--db {url}: folder {path.parent} does not exist")
-        try:
-            self.connection = sqlite3.connect(
-                path, isolation_level=None, timeout=busy_seconds, check_same_thread=False
-            )
-            self.connection.execute("PRAGMA journal_mode=WAL")
-            self.connection.execute("PRAGMA synchronous=FULL")
-            self.connection.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            raise DatabaseError(f"--db {url}: {exc}") from None
+        # Two collectors started together on a new file race to set WAL mode, which needs the
+        # file to themselves; the busy timeout does not always cover that, so the loser retries.
+        deadline = time.monotonic() + OPEN_RETRY_SECONDS
+        while True:
+            try:
+                self.connection = sqlite3.connect(
+                    path, isolation_level=None, timeout=busy_seconds, check_same_thread=False
+                )
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                self.connection.execute("PRAGMA synchronous=FULL")
+                self.connection.execute("PRAGMA foreign_keys=ON")
+                break
+            except sqlite3.OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked or time.monotonic() >= deadline:
+                    raise DatabaseError(f"--db {url}: {exc}") from None
+                time.sleep(0.1)
+            except sqlite3.Error as exc:
+                raise DatabaseError(f"--db {url}: {exc}") from None
 
     @contextlib.contextmanager
     def transaction(self, exclusive: bool = False) -> Iterator[Transaction]:
