@@ -262,16 +262,21 @@ class Agent:
                 raise StartError(str(exc)) from None
             self._state_trouble("state_unavailable", exc, now)
             return False
+        self._adopt(ledger)
+        return True
+
+    def _adopt(self, ledger: Ledger) -> None:
         self.recorder = Recorder(ledger)
         self.remnants = Remnants(ledger, self.folder)
-        self._database_inode = _inode(path)
+        self._database_inode = _inode(ledger.path)
         self._state_fine()
-        return True
 
     def _state_ready(self, now: float) -> bool:
         """The ledger is open and its file is still the one on disk; retried after a pause."""
         if self.recorder is None:
             return now >= self._state_retry_at and self._open_state(now)
+        if self._state_failing is not None and now < self._state_retry_at:
+            return False  # a write failed: tried again after the pause the log line gave
         if _inode(self.config.state.database) != self._database_inode:
             self._restore_database(now)
         return self.recorder is not None
@@ -291,13 +296,12 @@ class Agent:
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
             fresh = Ledger(path)
             old.db.backup(fresh.db)
-            fresh.close()
         except (OSError, StateError, sqlite3.Error) as exc:
             self._state_trouble("state_restore_failed", exc, now)
             return
         old.close()
-        self.recorder = None
-        if self._open_state(now) and self.drainer is not None:
+        self._adopt(fresh)
+        if self.drainer is not None:
             self.drainer.reopen()
         log.event("state_database_restored", "warning", path=path)
 
@@ -473,10 +477,9 @@ class Agent:
             return
         for life in ready:
             life.entries = {n: listing[n] for n in life.names.values() if n in listing}
+        signatures = {life.stack_id: _signature(life) for life in ready}
         try:
-            before = self.recorder.ledger.attempts_started(
-                {life.stack_id: _signature(life) for life in ready}
-            )
+            before = self.recorder.ledger.attempts_started(signatures)
         except StateError as exc:
             self._state_trouble("state_write_failed", exc, self.clock())
             return  # the stacks stay complete and are taken again after the pause
@@ -489,7 +492,7 @@ class Agent:
         for life, prepared in self.decoder.map(self._prepare, todo):
             crashpoint.reach("after_decode")
             analysis = self._infer(prepared) if isinstance(prepared, Prepared) else prepared
-            key = f"{life.stack_id}:{_signature(life)}"
+            key = f"{life.stack_id}:{signatures[life.stack_id]}"
             if isinstance(analysis, Unexpected):
                 self._unexpected(life, key, analysis)
             elif self._still_changing(life, analysis):
@@ -516,11 +519,7 @@ class Agent:
             message=analysis.document["message"],
             retry_s=self.config.watch.settle_seconds,
         )
-        assert self.recorder is not None
-        try:
-            self.recorder.ledger.attempts_ended([life.stack_id])
-        except StateError as exc:
-            self._state_trouble("state_write_failed", exc, now)
+        self._attempt_ended(life.stack_id, now)
         return True
 
     def _unexpected(self, life: StackLife, key: str, failure: Unexpected) -> None:
@@ -547,8 +546,13 @@ class Agent:
             error=repr(failure.error),
             retry_s=round(retry_at - now, 1),
         )
+        self._attempt_ended(life.stack_id, now)
+
+    def _attempt_ended(self, stack_id: str, now: float) -> None:
+        """The stack goes back to waiting: its attempt ended without a crash."""
+        assert self.recorder is not None
         try:
-            self.recorder.ledger.attempts_ended([life.stack_id])
+            self.recorder.ledger.attempts_ended([stack_id])
         except StateError as exc:
             self._state_trouble("state_write_failed", exc, now)
 
