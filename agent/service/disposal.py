@@ -78,8 +78,7 @@ class Disposer:
         """Move, delete or leave the files still in the folder, except those that no longer look
         as `expected` (name -> how it looked when read); never raises OSError."""
         destination = destination_of(analysis)
-        after = self.config.files.after if destination == "done" else "move"
-        target = self.config.folder(destination)
+        after, target = self._policy(destination)
         changed: list[str] = []
         try:
             if destination != "done":
@@ -93,10 +92,7 @@ class Disposer:
                 if expected and name in expected and now != expected[name]:
                     changed.append(name)
                     continue
-                if after == "move":
-                    self.move(path, target)
-                elif after == "delete":
-                    path.unlink(missing_ok=True)
+                self._apply(after, path, target)
                 crashpoint.reach("after_move")
         except OSError as exc:
             return Disposal(target, error=exc, changed=changed)
@@ -108,21 +104,28 @@ class Disposer:
 
     def finish_remnant(self, name: str, outcome: str) -> Disposal:
         """A file of a stack recorded earlier, met again: where its stack's files went, quietly."""
-        destination = DESTINATIONS[outcome]
-        after = self.config.files.after if destination == "done" else "move"
-        target = self.config.folder(destination)
+        after, target = self._policy(DESTINATIONS[outcome])
         path = self.folder / name
         try:
-            if after == "move":
-                self.move(path, target)
-            elif after == "delete":
-                path.unlink(missing_ok=True)
+            self._apply(after, path, target)
         except OSError as exc:
             return Disposal(target, error=exc)
         if after == "leave":
             entry = _entry(path)
             return Disposal(target, left={} if entry is None else {name: entry})
         return Disposal(target)
+
+    def _policy(self, destination: str) -> tuple[str, Path]:
+        """What happens to files bound for `destination`: a result's follow `files.after`,
+        an error's are always moved, so nothing that failed is deleted or left in the way."""
+        after = self.config.files.after if destination == "done" else "move"
+        return after, self.config.folder(destination)
+
+    def _apply(self, after: str, path: Path, target: Path) -> None:
+        if after == "move":
+            self.move(path, target)
+        elif after == "delete":
+            path.unlink(missing_ok=True)
 
 
 def _entry(path: Path) -> Entry | None:
