@@ -1,4 +1,10 @@
-"""A labelled data set in the Kaggle layout: `train.csv` (Id,Target) and a folder of images.
+"""A labelled data set: a label file (Id,Target) and a folder of images.
+
+The folder may hold stacks in the Kaggle layout (`<id>_<channel>.png` or `.tif`, grayscale),
+in the HPA's external HPAv18 layout (`<id>_<channel>.jpg`, RGB JPEGs with the signal in one
+colour plane, `export.data.hpav18`), or both: the winners of the 2018 competition trained on
+the two sets together, so one folder (or one label file naming stacks of both) just works,
+without a layout option to get wrong. Each stack is read by what its files hold.
 
 The label file is read and checked whole (it is small: 31,072 rows for the full set); the
 images are read one stack at a time when iterated, so memory does not grow with the set.
@@ -20,6 +26,7 @@ from agent.stacks.image import Limits
 from agent.stacks.labels import CHANNELS, N_LOCATIONS, parse_target
 from agent.stacks.naming import NamingScheme
 from agent.stacks.stack import Stack, find_stacks, read_stack
+from export.data import hpav18
 
 _MAX_LISTED = 20
 
@@ -100,10 +107,19 @@ class Dataset:
             raise DatasetError(f"{images}: image folder does not exist or is not a folder")
         rows = read_labels(labels_csv)
         found = find_stacks(images, naming)
+        jpeg = find_stacks(images, hpav18.NAMING)
         problems: list[str] = []
         samples: list[Sample] = []
         for row in rows:
             paths = found.get(row.stack_id)
+            if row.stack_id in jpeg:
+                if paths is not None:
+                    problems.append(
+                        f"line {row.line}: Id {row.stack_id!r}: both PNG/TIFF and JPEG channel files in "
+                        f"{images}; keep one set, so it is clear which one is trained on"
+                    )
+                    continue
+                paths = jpeg[row.stack_id]
             lacking = [c for c in CHANNELS if c not in (paths or {})]
             if paths is None or lacking:
                 if missing == "error":
@@ -136,6 +152,10 @@ class Dataset:
         return matrix
 
     def read(self, sample: Sample) -> Stack:
+        """The stack's grayscale channels: an HPAv18 stack (any channel file holding JPEG
+        data, whatever its name) through `hpav18.read_stack`, others as the device reads."""
+        if any(hpav18.is_jpeg(path) for path in sample.paths.values()):
+            return hpav18.read_stack(sample.stack_id, sample.paths, self.limits)
         return read_stack(sample.stack_id, sample.paths, self.limits)
 
     def stacks(self) -> Iterator[tuple[Sample, Stack | StackError]]:
