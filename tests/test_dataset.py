@@ -1,4 +1,5 @@
-"""The Kaggle-layout data-set reader: every bad row is named, images are read lazily."""
+"""The data-set reader: every bad row is named, images are read lazily, and a folder may hold
+Kaggle-layout stacks (grayscale PNG/TIFF) and HPAv18 stacks (RGB JPEGs) side by side."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from agent.stacks.errors import StackError
 from export.data.dataset import Dataset, DatasetError, read_labels
 from tests.helpers import write_stack
+from tests.test_hpav18 import cells, write_channel, write_hpav18_stack
 
 
 def _labels(tmp_path: Path, text: str) -> Path:
@@ -105,6 +107,53 @@ def test_stacks_is_a_generator_holding_one_stack_at_a_time(tmp_path: Path) -> No
     assert not isinstance(first[1], StackError)
     assert isinstance(first[1].channels["red"], np.ndarray)
     assert [s.stack_id for s, _ in iterator] == ["s1", "s2"]
+
+
+def test_a_folder_of_hpav18_jpegs_is_a_data_set_of_grayscale_stacks(tmp_path: Path) -> None:
+    paths = write_hpav18_stack(tmp_path, "10580_1758_B1_1")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\n10580_1758_B1_1,0 25\n"))
+    [(sample, stack)] = list(data.stacks())
+    assert sample.paths == paths
+    assert not isinstance(stack, StackError)
+    assert {c: stack.channels[c].shape for c in stack.channels} == {c: (64, 64) for c in paths}
+    assert data.label_matrix()[0].nonzero()[0].tolist() == [0, 25]
+
+
+def test_kaggle_and_hpav18_stacks_are_read_from_one_folder(tmp_path: Path) -> None:
+    """The 2018 winners trained on both sets; one label file may name stacks of each."""
+    write_stack(tmp_path, "kaggle")
+    write_hpav18_stack(tmp_path, "10580_1758_B1_1")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\nkaggle,1\n10580_1758_B1_1,2\n"))
+    stacks = [stack for _, stack in data.stacks()]
+    assert not any(isinstance(stack, StackError) for stack in stacks)
+    assert [stack.paths["red"].suffix for stack in stacks] == [".png", ".jpg"]  # type: ignore[union-attr]
+
+
+def test_jpeg_data_named_png_is_read_as_hpav18(tmp_path: Path) -> None:
+    write_hpav18_stack(tmp_path, "10580_1758_B1_1", suffix=".png")
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\n10580_1758_B1_1,2\n"))
+    [(_, stack)] = list(data.stacks())
+    assert not isinstance(stack, StackError)
+    assert stack.channels["green"].ndim == 2
+
+
+def test_a_stack_with_both_png_and_jpeg_files_is_refused_by_its_line(tmp_path: Path) -> None:
+    write_stack(tmp_path, "a")
+    write_hpav18_stack(tmp_path, "a")
+    with pytest.raises(DatasetError, match="line 2: Id 'a': both PNG/TIFF and JPEG channel files"):
+        Dataset(tmp_path, _labels(tmp_path, "Id,Target\na,1\n"))
+
+
+def test_an_hpav18_file_with_the_wrong_planes_surfaces_as_that_stacks_error(tmp_path: Path) -> None:
+    write_hpav18_stack(tmp_path, "10580_1758_B1_1")
+    paths = write_hpav18_stack(tmp_path, "10580_1758_B1_2", seed=1)
+    write_channel(paths["green"], "red", cells(seed=9))
+    data = Dataset(tmp_path, _labels(tmp_path, "Id,Target\n10580_1758_B1_1,1\n10580_1758_B1_2,2\n"))
+    results = [stack for _, stack in data.stacks()]
+    assert not isinstance(results[0], StackError)
+    assert isinstance(results[1], StackError)
+    assert results[1].code == "wrong_plane"
+    assert results[1].path == paths["green"]
 
 
 def test_real_labels_file_reads(real_dir: Path) -> None:

@@ -45,7 +45,10 @@ def rgb(planes: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
 
 
 def write_jpeg(path: Path, image: np.ndarray, quality: int = 95) -> Path:
-    assert cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, quality]), path
+    """JPEG data by OpenCV's encoder, whatever the file's name ends with."""
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, path
+    path.write_bytes(data.tobytes())
     return path
 
 
