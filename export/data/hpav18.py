@@ -65,9 +65,8 @@ from agent.stacks.stack import Stack
 PATTERN = r"^(?P<id>.+)_(?P<channel>red|green|blue|yellow)\.jpe?g$"
 NAMING = NamingScheme(pattern=PATTERN)
 
-# Planes in RGB order as named in messages; OpenCV decodes to B, G, R.
+# Planes in RGB order as named in messages (OpenCV decodes to B, G, R).
 PLANE_NAMES = ("red", "green", "blue")
-_BGR_INDEX = {"red": 2, "green": 1, "blue": 0}
 # The planes each channel's signal sits in.
 SIGNAL_PLANES: Mapping[str, frozenset[str]] = {
     "red": frozenset({"red"}),
@@ -154,23 +153,29 @@ def plane(bgr: np.ndarray, channel: str, path: Path, samples: int = 3) -> np.nda
     """The channel's signal from a decoded H x W x 3 (B, G, R) image, after checking that the
     signal sits in the channel's planes; `samples` is the file's colour components (1 for a
     grayscale JPEG, which OpenCV decodes into three equal planes)."""
-    means = {name: float(bgr[..., _BGR_INDEX[name]].mean()) for name in PLANE_NAMES}
-    brightest = max(means.values())
-    if brightest >= BLANK_LEVEL:
-        _check_layout(bgr, channel, path, samples, means)
+    # One contiguous array per plane (OpenCV's split and means: a 2048 x 2048 file is checked
+    # in a few milliseconds, beside about 15 ms to decode it).
+    blue, green, red = cv2.split(bgr)
+    planes = {"red": red, "green": green, "blue": blue}
+    means = {name: _mean(planes[name]) for name in PLANE_NAMES}
+    if max(means.values()) >= BLANK_LEVEL:
+        _check_layout(planes, channel, path, samples, means)
     if channel == "yellow":
-        red = bgr[..., _BGR_INDEX["red"]].astype(np.uint16)
-        green = bgr[..., _BGR_INDEX["green"]].astype(np.uint16)
-        return np.ascontiguousarray(((red + green + 1) // 2).astype(np.uint8))
-    return np.ascontiguousarray(bgr[..., _BGR_INDEX[channel]])
+        total = np.add(red, green, dtype=np.uint16)
+        total += 1
+        total >>= 1
+        return total.astype(np.uint8)
+    return planes[channel]
 
 
-def _check_layout(bgr: np.ndarray, channel: str, path: Path, samples: int, means: dict[str, float]) -> None:
+def _check_layout(
+    planes: dict[str, np.ndarray], channel: str, path: Path, samples: int, means: dict[str, float]
+) -> None:
     brightest = max(means.values())
     found = frozenset(name for name, mean in means.items() if mean >= SIGNAL_SHARE * brightest)
     figures = ", ".join(f"{name} {means[name]:.1f}" for name in PLANE_NAMES)
     expected = SIGNAL_PLANES[channel]
-    if samples == 1 or (len(found) == 3 and _equal_planes(bgr)):
+    if samples == 1 or (len(found) == 3 and _equal_planes(planes)):
         one = samples == 1
         kind = "a grayscale JPEG (one plane)" if one else "grayscale saved as RGB (three equal planes)"
         raise StackError(
@@ -199,9 +204,8 @@ def _check_layout(bgr: np.ndarray, channel: str, path: Path, samples: int, means
             path,
         )
     if channel == "yellow":
-        red = bgr[..., _BGR_INDEX["red"]].astype(np.float32)
-        green = bgr[..., _BGR_INDEX["green"]].astype(np.float32)
-        disagreement = float(np.abs(red - green).mean()) / max((means["red"] + means["green"]) / 2, 1e-6)
+        differences = _mean(cv2.absdiff(planes["red"], planes["green"]))
+        disagreement = differences / max((means["red"] + means["green"]) / 2, 1e-6)
         if disagreement > YELLOW_DISAGREEMENT:
             raise StackError(
                 "colour_image",
@@ -212,9 +216,13 @@ def _check_layout(bgr: np.ndarray, channel: str, path: Path, samples: int, means
             )
 
 
-def _equal_planes(bgr: np.ndarray) -> bool:
-    first = bgr[..., 0].astype(np.int16)
-    return all(float(np.abs(bgr[..., i].astype(np.int16) - first).mean()) < EQUAL_PLANES for i in (1, 2))
+def _equal_planes(planes: dict[str, np.ndarray]) -> bool:
+    red = planes["red"]
+    return all(_mean(cv2.absdiff(red, planes[name])) < EQUAL_PLANES for name in ("green", "blue"))
+
+
+def _mean(pixels: np.ndarray) -> float:
+    return float(cv2.mean(pixels)[0])
 
 
 def _planes(names: frozenset[str]) -> str:
