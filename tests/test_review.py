@@ -12,7 +12,7 @@ import pytest
 
 from agent.model.bundle import BundleError, load_bundle
 from agent.model.novelty import NoveltyReference
-from agent.model.review import Trust, review
+from agent.model.review import SetCalibration, Trust, review
 from agent.model.thresholds import near
 from agent.stacks.digest import file_sha256
 from agent.stacks.labels import LOCATIONS
@@ -87,6 +87,54 @@ def test_image_quality_reasons_are_carried_into_the_verdict() -> None:
     p = scores(Nucleoplasm=0.9)
     verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(), None, ["saturated"])
     assert verdict.reasons == ["saturated"]
+
+
+# The set confidence (`uncertain_set`) -------------------------------------------------------
+def linear_calibration(cut: float = 0.5) -> SetCalibration:
+    """Every location present with about its score as probability (0.01 at 0, 0.99 at 1)."""
+    return SetCalibration(
+        tuple(np.array([0.0, 1.0]) for _ in LOCATIONS), tuple(np.array([0.01, 0.99]) for _ in LOCATIONS), cut
+    )
+
+
+def test_without_a_set_calibration_a_near_label_flags_the_stack_as_before() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.55)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(margins=np.full(N, 0.1)), None)
+    assert (verdict.reasons, verdict.set_confidence) == (["near_threshold"], None)
+
+
+def test_a_set_calibration_gives_every_stack_its_set_confidence() -> None:
+    p = scores(Nucleoplasm=0.9)
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, Trust(set_calibration=linear_calibration()), None)
+    expected = (0.01 + 0.98 * 0.9) * 0.99 ** (N - 1)
+    assert verdict.set_confidence == pytest.approx(expected)
+    assert verdict.reasons == []
+
+
+def test_a_label_near_its_threshold_makes_the_set_uncertain_and_says_why() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.55)
+    trust = Trust(margins=np.full(N, 0.1), set_calibration=linear_calibration())
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, trust, None)
+    assert verdict.set_confidence is not None
+    assert verdict.set_confidence < 0.5
+    assert verdict.reasons == ["uncertain_set", "near_threshold"]
+    assert verdict.near == ["Cytosol"]
+
+
+def test_with_a_set_calibration_a_near_label_of_a_confident_set_does_not_flag_it() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.55)
+    trust = Trust(margins=np.full(N, 0.1), set_calibration=linear_calibration(cut=0.2))
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, trust, None)
+    assert (verdict.flagged, verdict.near) == (False, ["Cytosol"])
+
+
+def test_with_a_set_calibration_no_label_novel_input_and_image_quality_still_flag() -> None:
+    p = scores(Nucleoplasm=0.02)
+    trust = Trust(set_calibration=linear_calibration(cut=0.01))
+    assert review(p, p >= THRESHOLDS, THRESHOLDS, trust, None, ["saturated"]).reasons == [
+        "no_label",
+        "saturated",
+    ]
 
 
 # The bundle's optional trust entries -------------------------------------------------------
