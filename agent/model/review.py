@@ -14,10 +14,9 @@ gives no reasons of that kind; nothing here guesses values the bundle does not c
 With a set calibration, `near_threshold` no longer raises the flag on its own: it is given
 beside `uncertain_set`, as the explanation of a flagged stack (the locations near their
 threshold are reported in `Review.near` either way). On the demo's synthetic stacks, about
-two thirds of label sets are wrong; margins alone flagged 39% of held-out stacks with wrong
-sets 1.4-1.7 times as often as the rest, while the set confidence at the same share picks
-stacks that are wrong more than 90% of the time (export/training/flagging.py has the
-figures). Both together flagged half of the stacks.
+two thirds of label sets are wrong; margins flagged 39% of held-out stacks, wrong 80-86% of
+the time against 52-56% of the rest, while the set confidence flagged 33-36%, wrong 93-94% of
+the time (export/training/flagging.py has the figures). Both together flagged nearly half.
 """
 
 from __future__ import annotations
