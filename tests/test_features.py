@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from agent.model import features
-from agent.model.features import FeatureError, from_manifest, hand_features, recipe, region_pool
+from agent.model.features import (
+    HAND_PARAMS,
+    FeatureError,
+    differences_of_gaussians,
+    from_manifest,
+    hand_features,
+    otsu,
+    recipe,
+    region_pool,
+)
 from agent.stacks.preprocess import DEFAULT_SLOTS, Preprocessing, parse_slots, preprocess
 
 
@@ -138,3 +151,95 @@ def test_features_compare_scores_candidates_with_the_reduction_fitted_inside_the
     b, _ = reduce(fit, held * 100)  # held rows never shape the reduction
     assert np.array_equal(a, b)
     assert a.shape == (30, 4)
+
+
+# ------------------------------------------------------------------ the hand recipe against a plain reference
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def reference_hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) -> np.ndarray:
+    """`hand-rgb` v1 written the plain way (one boolean mask per region, np.percentile, two
+    GaussianBlur calls per difference of Gaussians): what the tuned `hand_features` must equal."""
+    slots = params["slots"]
+    plane = {c: image[..., slots[c]].astype(np.float32) / 255 for c in ("red", "green", "blue")}
+    green, blue, red = plane["green"], plane["blue"], plane["red"]
+    nucleus = otsu(cv2.GaussianBlur(blue, (0, 0), float(params["nucleus_blur"])))
+    cell = otsu(cv2.GaussianBlur(red + blue, (0, 0), float(params["cell_blur"]))) | nucleus
+    cytoplasm = cell & ~nucleus
+    k = int(params["rim_kernel"])
+    kernel = np.ones((k, k), np.uint8)
+    n8, c8 = nucleus.astype(np.uint8), cell.astype(np.uint8)
+    nuclear_rim = cv2.dilate(n8, kernel).astype(bool) & ~cv2.erode(n8, kernel).astype(bool)
+    cell_rim = cell & ~cv2.erode(c8, kernel).astype(bool)
+    total = float(green.sum()) + 1e-6
+    high = green > green.mean() + float(params["bright_sigmas"]) * green.std()
+    values: list[float] = []
+    for mask in (nucleus, cytoplasm, nuclear_rim, cell_rim, ~cell):
+        inside = green[mask] if mask.any() else np.zeros(1, np.float32)
+        values += [
+            float(inside.mean()),
+            float(inside.std()),
+            float(green[mask].sum()) / total,
+            float(high[mask].mean()) if mask.any() else 0.0,
+        ]
+    for other in (red, blue):
+        values.append(_correlation(green[cell], other[cell]))
+    ratio, level = float(params["dog_ratio"]), float(params["dog_level"])
+    for sigma in params["dog_sigmas"]:
+        dog = cv2.GaussianBlur(green, (0, 0), float(sigma)) - cv2.GaussianBlur(green, (0, 0), sigma * ratio)
+        for mask in (nucleus, cytoplasm):
+            part = dog[mask] if mask.any() else np.zeros(1, np.float32)
+            values += [float(np.percentile(part, 99)), float((part > level).mean())]
+    values += [float(v) for v in np.percentile(green, list(params["percentiles"]))]
+    values += [float(nucleus.mean()), float(cell.mean())]
+    return np.asarray(values, dtype=np.float32)
+
+
+def _assert_same_features(images: list[np.ndarray]) -> None:
+    for image in images:
+        expected, found = reference_hand_features(image), hand_features(image)
+        # float32 rounding (sums in another order, a DFT for the wide blurs), nothing more
+        np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_hand_features_equal_the_plain_reference_on_synthetic_stacks_of_every_size() -> None:
+    from export.data.cells import paint_stack
+
+    rng = np.random.default_rng(5)
+    images = [
+        preprocess(paint_stack(rng, (i % 28, (7 * i) % 28), size=256, depth=8), Preprocessing(size=size))
+        for i, size in enumerate([32, 48, 64, 96, 224, 224, 224, 300, 512])
+    ]
+    edge = np.zeros((64, 64, 3), np.uint8)  # no cell, no green: every empty-region rule at once
+    flat = np.full((64, 64, 3), 90, np.uint8)  # one value everywhere: no spread, no correlation
+    noisy = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    _assert_same_features([*images, edge, flat, noisy])
+
+
+def test_hand_features_equal_the_plain_reference_on_the_real_stacks(real_dir: Path) -> None:
+    prep = Preprocessing(size=224)
+    images = []
+    for green in sorted((real_dir / "stacks").glob("*_green.png")):
+        stem = green.name.removesuffix("_green.png")
+        channels = {
+            c: np.asarray(cv2.imread(str(green.with_name(f"{stem}_{c}.png")), cv2.IMREAD_UNCHANGED))
+            for c in ("red", "green", "blue", "yellow")
+        }
+        images.append(preprocess(channels, prep))
+    assert len(images) >= 100
+    _assert_same_features(images)
+
+
+@pytest.mark.parametrize("size", [24, 64, 224])
+def test_differences_of_gaussians_equal_two_opencv_blurs(size: int) -> None:
+    green = np.random.default_rng(size).random((size, size), np.float32)
+    sigmas = [0.8, 1.5, 3.0, 6.0]
+    found = differences_of_gaussians(green, sigmas, 1.6)
+    for sigma, dog in zip(sigmas, found, strict=True):
+        expected = cv2.GaussianBlur(green, (0, 0), sigma) - cv2.GaussianBlur(green, (0, 0), sigma * 1.6)
+        np.testing.assert_allclose(dog, expected, rtol=0, atol=2e-6)
