@@ -28,6 +28,11 @@ COMMANDS: dict[str, Command] = {
     "baseline": Command(
         "export.training.baseline", "score a simple hand-feature baseline on a labelled data set", "export"
     ),
+    "convert": Command(
+        "export.conversion.make_embedder",
+        "convert the backbone to the TFLite file the device runs, before training on its features",
+        "export",
+    ),
     "embed": Command(
         "export.features.embed", "compute and cache backbone embeddings of a labelled data set", "export"
     ),

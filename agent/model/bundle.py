@@ -1,8 +1,12 @@
 """A model bundle: the only contract between the workstation and the device.
 
 A folder with `manifest.json`, the embedder (`.tflite`), the classifiers (`.onnx`) and the
-golden vectors (`golden.npz`: preprocessed inputs with the embeddings and probabilities they
-must give). `load_bundle` refuses a bundle, before anything runs on real data, when:
+golden vectors (`golden.npz`: the embeddings and probabilities that a few golden stacks must
+give). The golden stacks are channel files in the bundle (`golden-0_red.png`...), read the
+way the agent reads any stack (`agent.stacks.stack.read_reduced`: decode, hash, resize,
+scale), so a change in decoding or preprocessing is caught at start as well as one in the
+runtimes; a bundle made before that carries preprocessed `images` in golden.npz instead.
+`load_bundle` refuses a bundle, before anything runs on real data, when:
 - the manifest is unreadable, of an unknown schema version, or lacks a field;
 - a listed file is missing or its sha256 differs (one changed byte is enough);
 - its labels are not the 28 locations in order, or the models' shapes disagree with them;
@@ -32,8 +36,10 @@ from agent.model.review import Trust
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.stacks.digest import file_sha256
-from agent.stacks.labels import LOCATIONS
+from agent.stacks.errors import StackError
+from agent.stacks.labels import CHANNELS, LOCATIONS
 from agent.stacks.preprocess import Preprocessing
+from agent.stacks.stack import read_reduced
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -239,14 +245,37 @@ def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust
     return Trust(margins, available, reference, limit, quality)
 
 
+def golden_paths(folder: Path, stack_id: str) -> dict[str, Path]:
+    """Where a golden stack's channel files sit in a bundle: `<stack_id>_<channel>.png`."""
+    return {channel: folder / f"{stack_id}_{channel}.png" for channel in CHANNELS}
+
+
+def golden_images(folder: Path, stack_ids: list[str], prep: Preprocessing) -> np.ndarray:
+    """The golden stacks read from their files the agent's way: N x size x size x 3 uint8."""
+    try:
+        return np.stack([read_reduced(s, golden_paths(folder, s), prep).image for s in stack_ids])
+    except StackError as exc:
+        raise BundleError(f"{folder}: golden stack unreadable: {exc}") from None
+
+
 def run_golden(bundle: Bundle) -> GoldenCheck:
     """Run the golden inputs; raise BundleError if the outputs miss the manifest's tolerances."""
     path = bundle.folder / bundle.manifest["files"]["golden"]["path"]
     try:
         with np.load(path, allow_pickle=False) as data:
-            images, embeddings, probabilities = data["images"], data["embeddings"], data["probabilities"]
+            embeddings, probabilities = data["embeddings"], data["probabilities"]
+            stacks = data["stacks"].tolist() if "stacks" in data.files else None
+            images = data["images"] if stacks is None else None  # a bundle from before golden files
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{path}: unreadable golden vectors: {exc}") from None
+    if stacks is not None:
+        pinned = {str(entry["path"]) for entry in bundle.manifest["files"].values()}
+        for stack_id in stacks:
+            for file in golden_paths(bundle.folder, stack_id).values():
+                if file.name not in pinned:
+                    raise BundleError(f"{file}: golden file not listed (with its sha256) in the manifest")
+        images = golden_images(bundle.folder, stacks, bundle.preprocessing)
+    assert images is not None
     tolerance = bundle.manifest["golden"]
     got_embeddings = bundle.embedder(images)
     got = bundle.classifier(bundle.feature_vectors(images, got_embeddings))

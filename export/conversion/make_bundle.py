@@ -44,7 +44,15 @@ from typing import Any
 import numpy as np
 
 from agent.model import features as feature_recipes
-from agent.model.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle
+from agent.model.bundle import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    Bundle,
+    BundleError,
+    golden_images,
+    golden_paths,
+    load_bundle,
+)
 from agent.model.features import FeatureError, Recipe
 from agent.model.runtimes import load_classifier, load_embedder
 from agent.model.similarity import cosine
@@ -56,9 +64,10 @@ from agent.stacks.preprocess import Preprocessing, preprocess
 from export.conversion.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
 from export.data.dataset import Dataset, DatasetError
 from export.features.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
+from export.features.embed import EMBEDDER_FILE, EmbedderFileError, read_embedder
 from export.training.forests import ForestSettings, LocationForests
 from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
-from export.training.train import novelty_entry
+from export.training.train import HELD_OUT, novelty_entry
 
 PARITY_TOLERANCE = 1e-5
 GOLDEN_TOLERANCE = {"min_cosine": 0.995, "max_probability_difference": 0.05}
@@ -79,6 +88,7 @@ class Trained:
     spec: BackboneSpec
     prep: Preprocessing
     features: Recipe = feature_recipes.DEFAULT  # embedding -> the classifiers' input
+    embedder: Path | None = None  # the converted file the forests were trained on, if any
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -136,7 +146,21 @@ def read_model(folder: Path, weights: str | None) -> Trained:
             f"{folder}: the classifiers take {n_features} values, recipe {recipe.name} v{recipe.version} "
             f"gives {width}"
         )
-    return Trained(folder, meta, classifier, spec, prep, recipe)
+    return Trained(folder, meta, classifier, spec, prep, recipe, _trained_embedder(folder, key))
+
+
+def _trained_embedder(folder: Path, key: dict[str, Any]) -> Path | None:
+    """The model folder's copy of the converted embedder its vectors came from (checked by hash)."""
+    if "embedder" not in key:
+        return None  # trained on float Keras embeddings: export converts the backbone itself
+    path = folder / EMBEDDER_FILE
+    try:
+        _, entry = read_embedder(path)
+    except EmbedderFileError as exc:
+        raise ExportError(f"{folder}: the model was trained on a converted embedder, but {exc}") from None
+    if entry["sha256"] != key["embedder"]["sha256"]:
+        raise ExportError(f"{path}: not the embedder the model's vectors came from (sha256 differs)")
+    return path
 
 
 def _classifier(folder: Path, pickled: Any, meta: dict[str, Any]) -> LocationForests:
@@ -254,12 +278,64 @@ def novelty_figures(trained: Trained, reference: np.ndarray, exported: np.ndarra
     }
 
 
+GOLDEN_MARGIN = 32  # golden channel files are this much wider than the model input: resizing runs
+
+
+def write_golden(
+    out: Path, dataset: Dataset, source_ids: list[str], trained: Trained, tflite: bytes, onnx: bytes
+) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The golden stacks as channel files in the bundle (a reduced copy of held-out stacks, in
+    their own bit depth) and what the exported pipeline gives for them, read the agent's way.
+
+    Returns the files written (role -> name) and golden.npz's arrays.
+    """
+    files: dict[str, str] = {}
+    names: list[str] = []
+    sources: list[str] = []
+    for sample, stack in dataset.stacks_for(set(source_ids)):
+        if isinstance(stack, StackError):
+            continue
+        sources.append(sample.stack_id)
+        name = f"golden-{len(names)}"
+        for channel, path in golden_paths(out, name).items():
+            _write_png(path, _reduced(stack.channels[channel], trained.prep.size + GOLDEN_MARGIN))
+            files[path.stem] = path.name
+        names.append(name)
+    if not names:
+        raise ExportError("none of the golden stacks could be read")
+    images = golden_images(out, names, trained.prep)
+    embeddings = load_embedder(tflite)(images)
+    probabilities = load_classifier(onnx)(trained.features(images, embeddings))
+    golden = {"stacks": np.asarray(names), "sources": np.asarray(sources)}
+    return files, {**golden, "embeddings": embeddings, "probabilities": probabilities}
+
+
+def _reduced(pixels: np.ndarray, side: int) -> np.ndarray:
+    """A channel shrunk (area average, same dtype) so its longer side is `side`, if it is longer."""
+    import cv2
+
+    height, width = pixels.shape[:2]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), pixels):
+        raise ExportError(f"{path}: could not write a golden channel file")
+
+
 def write_bundle(
     out: Path,
     trained: Trained,
     tflite: bytes,
     onnx: bytes,
-    golden: dict[str, np.ndarray],
+    golden_ids: list[str],
+    dataset: Dataset,
     quantization: str,
     report: dict[str, Any],
     purpose: str,
@@ -269,10 +345,13 @@ def write_bundle(
     files = {"embedder": "embedder.tflite", "classifiers": "classifiers.onnx", "golden": "golden.npz"}
     (out / files["embedder"]).write_bytes(tflite)
     (out / files["classifiers"]).write_bytes(onnx)
+    golden_files, golden = write_golden(out, dataset, golden_ids, trained, tflite, onnx)
+    files.update(golden_files)
     with (out / files["golden"]).open("wb") as handle:
         np.savez_compressed(
             handle,
-            images=golden["images"],
+            stacks=golden["stacks"],
+            sources=golden["sources"],
             embeddings=golden["embeddings"],
             probabilities=golden["probabilities"],
         )
@@ -309,7 +388,12 @@ def write_bundle(
         "training": {"data": trained.meta["data"], "settings": trained.meta["settings"]},
         "evaluation": trained.meta["figures"],
         "fidelity": report,
-        "golden": {**GOLDEN_TOLERANCE, "n": len(golden["images"])},
+        "golden": {
+            **GOLDEN_TOLERANCE,
+            "n": len(golden["stacks"]),
+            "inputs": "channel files",
+            "sources": golden["sources"].tolist(),
+        },
         "features": trained.features.entry(embedding_dim),
         "locations": trained.locations(),
         "versions": {
@@ -347,6 +431,7 @@ def _lite0_notice() -> str:
 def export(args: argparse.Namespace) -> int:
     started = time.monotonic()
     trained = read_model(args.model, args.weights)
+    deployed = trained.embedder  # the converted file the forests were trained on, or None
     dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing="skip")
     test_ids = list(trained.meta["test_ids"])
     known, held_out = set(dataset.ids), set(test_ids)
@@ -372,37 +457,55 @@ def export(args: argparse.Namespace) -> int:
     ref_prob = trained.classifier.predict_proba(ref_x)
     onnx = forests_to_onnx(trained.classifier.forests_, ref_x.shape[1])
     classifier = load_classifier(onnx)
-    parity, flips, ties = onnx_parity(classifier(ref_x), ref_prob, trained.thresholds)
-    print(
-        f"export: ONNX vs scikit-learn: max probability difference {parity:.2e}, "
-        f"{flips} label flips, {ties} ties"
-    )
-    if parity > PARITY_TOLERANCE or flips:
-        raise ExportError(
-            f"ONNX classifiers disagree with scikit-learn ({parity:.2e} max difference, {flips} flips)"
+    if deployed is not None:
+        candidates = [_deployed_quantization(trained, args)]
+        print(
+            f"export: the forests were trained on {deployed.name} ({candidates[0]}, LiteRT): the bundle "
+            "ships that file; the float network is a fidelity comparison only"
         )
-    candidates = [args.quantization] + [q for q in args.fallback if q != args.quantization]
+    else:
+        first = args.quantization or "int8"
+        candidates = [first] + [q for q in args.fallback if q != first]
     attempts: list[dict[str, Any]] = []
     for quantization in candidates:
-        tflite = to_tflite(
-            keras_model, quantization, calibration if quantization.startswith("int8") else None
+        tflite = (
+            deployed.read_bytes()
+            if deployed is not None
+            else to_tflite(
+                keras_model, quantization, calibration if quantization.startswith("int8") else None
+            )
         )
         exp_emb = load_embedder(tflite)(held)
         exp_x = recipe(held, exp_emb)
+        # ONNX against scikit-learn on the vectors the forests were trained on
+        parity_x = exp_x if deployed is not None else ref_x
+        parity_prob = trained.classifier.predict_proba(parity_x) if deployed is not None else ref_prob
+        parity, flips, ties = onnx_parity(classifier(parity_x), parity_prob, trained.thresholds)
+        print(
+            f"export: ONNX vs scikit-learn: max probability difference {parity:.2e}, "
+            f"{flips} label flips, {ties} ties"
+        )
+        if parity > PARITY_TOLERANCE or flips:
+            raise ExportError(
+                f"ONNX classifiers disagree with scikit-learn ({parity:.2e} max difference, {flips} flips)"
+            )
         report = fidelity(
             (ref_emb, ref_prob), (exp_emb, classifier(exp_x)), trained.thresholds, truth, args.seed
         )
-        report.update(quantization=quantization, onnx_parity_max_difference=parity, gate=args.min_identical)
+        gate = None if deployed is not None else args.min_identical
+        report.update(quantization=quantization, onnx_parity_max_difference=parity, gate=gate)
+        report["trained_on"] = "exported" if deployed is not None else "float"
         report.update(novelty_figures(trained, ref_x, exp_x))
         attempts.append(
             {"quantization": quantization, "identical_label_sets": report["identical_label_sets"]}
         )
         print(
             f"export: {quantization}: embedding cosine min {report['embedding_cosine_min']} mean "
-            f"{report['embedding_cosine_mean']}; identical label sets {report['identical_label_sets']:.1%}; "
-            f"macro F1 {report['macro_f1_reference']} float vs {report['macro_f1_exported']} exported"
+            f"{report['embedding_cosine_mean']}; identical label sets to the float network "
+            f"{report['identical_label_sets']:.1%}; macro F1 {report['macro_f1_reference']} float vs "
+            f"{report['macro_f1_exported']} exported"
         )
-        if report["identical_label_sets"] >= args.min_identical:
+        if gate is None or report["identical_label_sets"] >= gate:
             break
         if quantization != candidates[-1]:
             print(
@@ -419,28 +522,108 @@ def export(args: argparse.Namespace) -> int:
         raise ExportError(
             f"fidelity gate failed: {report['identical_label_sets']:.1%} of held-out stacks keep their exact "
             f"label set with {quantization} (gate {args.min_identical:.0%}; tried {', '.join(candidates)}); "
-            f"try more --calibration stacks, --fallback float16,float32, or a lower --min-identical{hint}"
+            f"train on the converted embedder's features instead ('hpa-edge convert', then "
+            f"'hpa-edge embed --embedder'), try more --calibration stacks, --fallback float16,float32, "
+            f"or a lower --min-identical{hint}"
         )
     report["attempts"] = attempts
     if trained.spec.weights == "random":
         report["caveat"] = "measured with random backbone weights: says little about real ImageNet weights"
-    # The golden stacks are the first held-out ones, already run through the exported pipeline
-    # (embedder, recipe, classifiers); the embeddings are the embedder's, before the recipe.
-    golden = {
-        "images": held[: args.golden],
-        "embeddings": exp_emb[: args.golden],
-        "probabilities": classifier(exp_x[: args.golden]),
-    }
+    golden_ids = held_ids[: args.golden]
     write_bundle(
-        args.out, trained, tflite, onnx, golden, quantization, report, args.purpose, quality_reference
-    )
+        args.out, trained, tflite, onnx, golden_ids, dataset, quantization, report, args.purpose,
+        quality_reference,
+    )  # fmt: skip
     bundle = load_bundle(args.out)
+    if deployed is not None:
+        report["agent_agreement"] = agent_agreement(bundle, dataset, trained)
+        _record_fidelity(args.out, report)
+        bundle = load_bundle(args.out)
     print(
         f"export: bundle {args.out} ({quantization}, purpose {args.purpose}) verified with the device "
         "runtimes "
         f"({bundle.embedder.runtime}); {time.monotonic() - started:.0f} s"
     )
     return 0
+
+
+def _deployed_quantization(trained: Trained, args: argparse.Namespace) -> str:
+    """The converted embedder's quantization; asking for another one is an error, not a surprise."""
+    quantization = str(trained.meta["embedding"]["embedder"]["quantization"])
+    if (args.quantization not in (None, quantization)) or args.fallback:
+        raise ExportError(
+            f"the forests were trained on the features of the model's {quantization} embedder, so the "
+            f"bundle ships that file; for another quantization, 'hpa-edge convert' it, embed and train again"
+        )
+    return quantization
+
+
+def agent_agreement(bundle: Bundle, dataset: Dataset, trained: Trained) -> dict[str, Any]:
+    """The agent's own pipeline (files -> decode -> ... -> probabilities) on the held-out stacks
+    against the probabilities the training evaluation scored: they must give the same labels.
+
+    Differences within float32 rounding of a threshold (ONNX computes in float32, scikit-learn
+    in float64) are counted as ties, as in the ONNX parity check; any other flip fails the
+    export, because the evaluation report would then not describe what the device says.
+    """
+    from agent.model.pipeline import Pipeline
+
+    try:
+        with np.load(trained.folder / HELD_OUT, allow_pickle=False) as data:
+            ids, expected = data["ids"].tolist(), np.asarray(data["probabilities"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"{trained.folder / HELD_OUT}: unreadable held-out predictions: {exc}") from None
+    samples = {sample.stack_id: sample for sample in dataset}
+    pipeline = Pipeline(bundle, instrument="export")
+    rows, scores, labels, unreadable = [], [], [], 0
+    for i, stack_id in enumerate(ids):
+        if stack_id not in samples:
+            continue
+        analysis = pipeline.analyse(stack_id, samples[stack_id].paths)
+        if analysis.kind != "result":
+            unreadable += 1
+            continue
+        rows.append(i)  # what the agent publishes: the labels, and the scores (6 decimals)
+        scores.append([analysis.document["scores"][name] for name in LOCATIONS])
+        labels.append([name in analysis.document["labels"] for name in LOCATIONS])
+    if not rows:
+        raise ExportError("none of the held-out stacks could be run through the agent's pipeline")
+    wanted = expected[rows]
+    differs = np.asarray(labels) != bundle.labels_for(wanted)
+    tie = np.abs(wanted - bundle.thresholds) <= PARITY_TOLERANCE
+    flips, ties = int((differs & ~tie).sum()), int((differs & tie).sum())
+    difference = float(np.abs(np.asarray(scores) - wanted).max())
+    agreement = {
+        "stacks": len(rows),
+        "unreadable": unreadable,
+        "identical_label_sets": round(float((~differs).all(axis=1).mean()), 5),
+        "label_flips": flips,
+        "ties": ties,
+        "probability_max_difference": float(f"{difference:.3g}"),
+    }
+    print(
+        f"export: the agent's pipeline on {len(rows)} held-out stacks' files against the evaluation: "
+        f"identical label sets {agreement['identical_label_sets']:.1%}, max probability difference "
+        f"{difference:.2e}, {flips} flips, {ties} ties"
+    )
+    if flips or difference > GOLDEN_TOLERANCE["max_probability_difference"]:
+        (bundle.folder / MANIFEST).unlink()  # a bundle without a manifest is not a bundle
+        raise ExportError(
+            f"the agent's pipeline disagrees with the evaluation on held-out stacks ({flips} label flips, "
+            f"max probability difference {difference:.2e}): the report would not describe the device; "
+            f"{bundle.folder} was left without a manifest"
+        )
+    return agreement
+
+
+def _record_fidelity(out: Path, report: dict[str, Any]) -> None:
+    """Put the final fidelity report in fidelity.json and the manifest (rewritten atomically)."""
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    manifest["fidelity"] = report
+    partial = out / f".{MANIFEST}.tmp"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, out / MANIFEST)
 
 
 def _quantizations(text: str) -> list[str]:
@@ -459,9 +642,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=Path, help="its Id,Target label file (default: DATA/train.csv)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--weights", help="the backbone weights file, if the model was embedded with one")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="int8", help="(default int8)")
     parser.add_argument(
-        "--calibration", type=int, default=100, help="training stacks for int8 calibration (default 100)"
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="for a model trained on float embeddings (default int8); a model trained on a converted "
+        "embedder ships that file and its quantization",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=int,
+        default=100,
+        help="training stacks for int8 calibration and the image-quality reference (default 100)",
     )
     parser.add_argument(
         "--fidelity-stacks", type=int, default=200, help="held-out stacks for fidelity (default 200)"

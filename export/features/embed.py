@@ -2,21 +2,26 @@
 
 Stacks are read from disk a batch at a time (the next batch is decoded while the network
 runs on this one) and pixels come from `agent.stacks.preprocess.preprocess`, the function the device
-uses, so training and inference see identical input. The network's 1280-d embedding then goes
+uses, so training and inference see identical input. The network is either the float Keras
+backbone or, with `--embedder FILE`, the converted file the bundle will ship (`hpa-edge
+convert`), run by the device's runtime: then the forests are trained on the numbers the
+device computes, and the cache keeps a copy of the file. The network's embedding then goes
 through the feature recipe chosen with `--features` (`agent.model.features`, the function the
 device applies; default `lite0-gap` v1, the embedding as it is), and the cache stores the
 recipe's vectors, the ones `hpa-edge train` fits the forests on. The cache is a folder:
 
     cache.json          the key: backbone + weights identity + preprocessing + feature recipe
-                        (name, version, params, layout) (+ format)
+                        (name, version, params, layout) (+ format) (+ the converted embedder:
+                        quantization, calibration stacks, sha256)
+    embedder.tflite     with --embedder: the converted file (and its .json description)
     part-000000.npz     shards of ids, stack fingerprints and float32 feature vectors
     failures.json       the stacks the last run could not read, with the reason
 
 A rerun skips stacks already in the cache whose files are unchanged (the device's stack
 fingerprint over the four files' sha256), so an interrupted run resumes where it stopped; a
 cache made with another backbone, weights, preprocessing, feature recipe or cache format is
-refused, never mixed. A key without a recipe (written before recipes existed) is `lite0-gap`
-v1. Memory stays bounded by one shard.
+refused, never mixed (another converted file is another key). A key without a recipe (written
+before recipes existed) is `lite0-gap` v1. Memory stays bounded by one shard.
 """
 
 from __future__ import annotations
@@ -46,12 +51,18 @@ from export.reports.progress import Progress
 # 2: stack fingerprints are `agent.stacks.digest.stack_fingerprint` (the device's); format 1
 # caches hashed the channels in another order, so their stored fingerprints never match now.
 CACHE_FORMAT = 2
+EMBEDDER_FORMAT = 1  # of the sidecar `hpa-edge convert` writes beside a converted embedder
+EMBEDDER_FILE = "embedder.tflite"  # the cache's (and the model folder's) copy of the file
 DEFAULT_SIZE = 224
 DEFAULT_SLOTS = "red,green,blue"
 
 
 class CacheError(ValueError):
     """The cache folder is unusable for this request (other key, damaged shard)."""
+
+
+class EmbedderFileError(ValueError):
+    """A converted embedder file is missing, unreadable or not the one its description names."""
 
 
 def cache_key(
@@ -153,6 +164,18 @@ class EmbeddingCache:
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.npz"))
 
+    def keep_embedder(self, model: bytes, entry: Mapping[str, Any]) -> None:
+        """A copy of the converted embedder the vectors came from, so `train` can pass it on."""
+        path = self.folder / EMBEDDER_FILE
+        if not path.exists():
+            _write_atomic(path, model)
+            _write_atomic(embedder_sidecar(path), (json.dumps(entry, indent=2) + "\n").encode())
+
+    @property
+    def embedder_file(self) -> Path | None:
+        """The converted embedder kept by `keep_embedder`, when the vectors came from one."""
+        return self.folder / EMBEDDER_FILE if "embedder" in self.read_key() else None
+
     def fingerprints(self) -> dict[str, str]:
         """id -> fingerprint of every cached stack (a later shard wins)."""
         known: dict[str, str] = {}
@@ -225,6 +248,70 @@ class Embedder:
         """What the cache stores: the recipe applied to the images and the network's output."""
         return self.features(images, self(images))
 
+    def key(self) -> dict[str, Any]:
+        return cache_key(self.spec, self.prep, self.features)
+
+
+def embedder_sidecar(path: Path) -> Path:
+    """Where `hpa-edge convert` describes a converted embedder: FILE.json beside FILE."""
+    return path.with_name(path.name + ".json")
+
+
+def read_embedder(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A converted embedder and its description, checked against each other by sha256."""
+    sidecar = embedder_sidecar(path)
+    try:
+        model = path.read_bytes()
+        entry: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EmbedderFileError(
+            f"{exc.filename}: missing; make the embedder and its description with 'hpa-edge convert'"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise EmbedderFileError(f"{path}: unreadable embedder or description: {exc}") from None
+    if entry.get("format") != EMBEDDER_FORMAT or "sha256" not in entry:
+        raise EmbedderFileError(f"{sidecar}: not a description written by 'hpa-edge convert'")
+    if file_sha256(path) != entry["sha256"]:
+        raise EmbedderFileError(f"{path}: sha256 differs from the one {sidecar.name} records (replaced?)")
+    return model, entry
+
+
+class DeployedEmbedder:
+    """A converted embedder (`hpa-edge convert`) run by the device's runtime, LiteRT.
+
+    The forests are then trained on exactly the numbers the device computes: the same file,
+    the same runtime code (`agent.model.runtimes`), one stack at a time as on the device.
+    Backbone and preprocessing are the file's; the cache key records its sha256.
+    """
+
+    def __init__(self, path: Path, features: Recipe = feature_recipes.DEFAULT, threads: int = 2) -> None:
+        from agent.model.runtimes import load_embedder
+
+        self.path = path
+        self.model, self.entry = read_embedder(path)
+        self.prep = Preprocessing.from_dict(self.entry["preprocessing"])
+        self.features = features
+        self.runtime = load_embedder(self.model, threads)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.runtime(images)
+
+    def vectors(self, images: np.ndarray) -> np.ndarray:
+        return self.features(images, self(images))
+
+    def key(self) -> dict[str, Any]:
+        """The cache key: the file's backbone and preprocessing, and the file itself by hash."""
+        dim = int(self.runtime.dim)
+        embedder = {k: self.entry[k] for k in ("quantization", "sha256", "bytes", "calibration")}
+        return {
+            "format": CACHE_FORMAT,
+            "backbone": self.entry["backbone"],
+            "preprocessing": self.prep.to_dict(),
+            "dim": dim,
+            "features": self.features.entry(dim),
+            "embedder": embedder,
+        }
+
 
 @dataclass
 class EmbedReport:
@@ -236,14 +323,16 @@ class EmbedReport:
 
 def embed_dataset(
     dataset: Dataset,
-    embedder: Embedder,
+    embedder: Embedder | DeployedEmbedder,
     cache: EmbeddingCache,
     batch_size: int = 16,
     shard_size: int = 512,
     progress: Progress | None = None,
 ) -> EmbedReport:
     """Embed every stack not already cached with unchanged files; report what failed and why."""
-    cache.open(cache_key(embedder.spec, embedder.prep, embedder.features))
+    cache.open(embedder.key())
+    if isinstance(embedder, DeployedEmbedder):
+        cache.keep_embedder(embedder.model, embedder.entry)
     known = cache.fingerprints()
     report = EmbedReport(total=len(dataset))
     todo: list[Sample] = []
@@ -391,25 +480,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="stacks per network call (default 16)")
     parser.add_argument("--shard-size", type=int, default=512, help="stacks per cache shard (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--embedder",
+        type=Path,
+        help="a converted embedder ('hpa-edge convert'): embed with it through LiteRT, as the device "
+        "will, so the forests are trained on what ships; its backbone and preprocessing replace the "
+        "options below (default: the float Keras backbone)",
+    )
     add_feature_arguments(parser)
     add_backbone_arguments(parser)
     add_preprocessing_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    embedder: Embedder | DeployedEmbedder
     try:
-        prep = preprocessing_from_args(args)
-        spec = BackboneSpec(args.backbone, args.weights, args.seed)
-        spec.identity()
         recipe = feature_recipes.recipe(args.features)
+        if args.embedder is not None:
+            embedder = DeployedEmbedder(args.embedder, recipe)
+            source = f"embedder {args.embedder} ({embedder.entry['quantization']}, LiteRT)"
+        else:
+            spec = BackboneSpec(args.backbone, args.weights, args.seed)
+            spec.identity()
+            embedder = Embedder(spec, preprocessing_from_args(args), recipe)
+            source = f"backbone {spec.name} weights {spec.weights} (float, Keras)"
+            if spec.name == "lite0" and spec.weights == "imagenet":
+                lite0_weights_path()  # a missing weights package is a start-up error, not a late one
+        prep = embedder.prep
         recipe.check_slots(prep.slots)
         dataset = Dataset(args.data, args.labels or args.data / "train.csv", missing=args.missing)
         cache = EmbeddingCache(args.out)
-        cache.open(cache_key(spec, prep, recipe))
-        embedder = Embedder(spec, prep, recipe)
-        if spec.name == "lite0" and spec.weights == "imagenet":
-            lite0_weights_path()  # a missing weights package is a start-up error, not a late one
-    except (ValueError, DatasetError, BackboneError, CacheError) as exc:
+        cache.open(embedder.key())
+    except (ValueError, DatasetError, BackboneError, CacheError, EmbedderFileError) as exc:
         print(f"hpa-edge embed: {exc}", file=sys.stderr)
         return 2
     progress = None if args.quiet else Progress("embed", len(dataset))
@@ -427,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"embed: {report.embedded} embedded, {report.skipped} already cached, {len(failures)} failed "
-        f"of {report.total}; backbone {spec.name} weights {spec.weights}; "
+        f"of {report.total}; {source}; "
         f"input {prep.size} px, channels {format_slots(prep.slots)}; features {recipe.name} "
         f"v{recipe.version} ({recipe.width(EMBEDDING_DIM)} values); cache {args.out}"
     )

@@ -18,8 +18,10 @@
 
 The model folder gets `classifiers.pkl` (the fitted `LocationForests`, for `hpa-edge export`
 and the float reference on the workstation; the device never loads a pickle), `model.json`
-(thresholds, settings, the embedding cache key, figures), `evaluation.json`, `evaluation.png`
-and `summary.md`.
+(thresholds, settings, the embedding cache key, figures), `held_out.npz` (the test split's
+probabilities, which `export` checks the device against), `evaluation.json`, `evaluation.png`
+and `summary.md`; and, when the cache was made with a converted embedder (`hpa-edge embed
+--embedder`), a copy of that file, which the bundle will ship.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import json
 import pickle
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.data.dataset import DatasetError, read_labels
 from export.data.split import train_test_split
-from export.features.embed import CacheError, EmbeddingCache, Embeddings
+from export.features.embed import CacheError, EmbeddingCache, Embeddings, embedder_sidecar
 from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
 from export.training.folds import out_of_fold
@@ -56,6 +59,7 @@ from export.training.forests import (
 )
 from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, best_thresholds
 
+HELD_OUT = "held_out.npz"  # the test split's ids and the probabilities its figures come from
 MODEL_FORMAT = 2  # 2: classifiers.pkl holds a LocationForests (1: a list of 28 forests or None)
 ORIGINAL_THRESHOLD = 0.5  # the original study's one threshold for every location
 JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations
@@ -105,6 +109,7 @@ class TrainedModel:
     evaluation: dict[str, Any]
     train_ids: list[str]
     test_ids: list[str]
+    test_probabilities: np.ndarray  # N_test x 28: what the evaluation scored, for export's check
 
 
 def join(
@@ -135,7 +140,8 @@ def train(
         min_positives=settings.min_positives,
         threshold_rule=settings.threshold_rule,
     ).fit(x_train, y_train)
-    ours = classifier.predict(x_test)
+    test_probabilities = classifier.predict_proba(x_test)
+    ours = apply(test_probabilities, classifier.thresholds_)
     original_scores = predict_scores(
         fit_original(x_train, y_train, settings.seed, settings.forest.jobs, settings.original_trees), x_test
     )
@@ -171,7 +177,13 @@ def train(
         evaluation["experiments"]["joint_nucleoplasm_cytosol"] = joint_experiment(
             x_train, y_train, x_test, y_test, classifier.oof_folds_, ours, settings
         )
-    return TrainedModel(classifier, evaluation, [ids[i] for i in train_rows], [ids[i] for i in test_rows])
+    return TrainedModel(
+        classifier,
+        evaluation,
+        [ids[i] for i in train_rows],
+        [ids[i] for i in test_rows],
+        test_probabilities,
+    )
 
 
 def novelty_entry(classifier: LocationForests) -> dict[str, Any]:
@@ -243,10 +255,23 @@ def read_id_list(path: Path) -> set[str]:
     return set(ids)
 
 
-def save(model: TrainedModel, out: Path, key: dict[str, Any], settings: TrainSettings) -> None:
+def save(
+    model: TrainedModel,
+    out: Path,
+    key: dict[str, Any],
+    settings: TrainSettings,
+    embedder: Path | None = None,
+) -> None:
+    """The model folder; `embedder` is the converted file the vectors came from (the cache's
+    copy), passed on so that `hpa-edge export` ships that very file."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "classifiers.pkl").open("wb") as handle:
         pickle.dump(model.classifier, handle, protocol=5)
+    with (out / HELD_OUT).open("wb") as handle:
+        np.savez(handle, ids=np.asarray(model.test_ids), probabilities=model.test_probabilities)
+    if embedder is not None:
+        for source in (embedder, embedder_sidecar(embedder)):
+            shutil.copyfile(source, out / source.name)
     import sklearn
 
     evaluation = model.evaluation
@@ -399,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     x, y = embeddings.rows(ids), label_matrix(ids, labels)
     name = args.name or args.labels.resolve().parent.name
     model = train(x, y, ids, settings, name)
-    save(model, args.out, embeddings.key, settings)
+    save(model, args.out, embeddings.key, settings, EmbeddingCache(args.embeddings).embedder_file)
     print(summary_text(model.evaluation), end="")
     print(
         f"train: features {recipe.name} v{recipe.version} ({x.shape[1]} values); "
