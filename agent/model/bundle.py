@@ -32,7 +32,7 @@ from agent.model import features as feature_recipes
 from agent.model import thresholds as threshold_rule
 from agent.model.features import FeatureError, Recipe
 from agent.model.novelty import NoveltyReference
-from agent.model.review import Trust
+from agent.model.review import Trust, read_set_calibration
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.stacks.digest import file_sha256
@@ -209,7 +209,8 @@ STATUSES = ("trained", "not trained", "not predicted")
 
 
 def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust:
-    """The optional `locations`, `novelty` and `quality` entries; BundleError when malformed."""
+    """The optional `locations`, `novelty`, `quality` and `set_confidence` entries; BundleError
+    when malformed."""
     where = folder / MANIFEST
     margins = np.zeros(len(LOCATIONS))
     available = np.ones(len(LOCATIONS), dtype=bool)
@@ -242,7 +243,13 @@ def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust
         if method != reference.method:  # the threshold was set for the other formula
             raise BundleError(f"{path}: holds a {reference.method} reference, the manifest says {method}")
     quality = manifest.get("quality", {}).get("reference")
-    return Trust(margins, available, reference, limit, quality)
+    set_calibration = None
+    if "set_confidence" in manifest:
+        try:
+            set_calibration = read_set_calibration(manifest["set_confidence"])
+        except ValueError as exc:
+            raise BundleError(f"{where}: set_confidence: {exc}") from None
+    return Trust(margins, available, reference, limit, quality, set_calibration)
 
 
 def golden_paths(folder: Path, stack_id: str) -> dict[str, Path]:

@@ -153,6 +153,9 @@ class Pipeline:
                 "review_reasons": verdict.reasons,
                 "near_threshold": verdict.near,
                 "novelty": None if verdict.novelty is None else round(verdict.novelty, 4),
+                "set_confidence": (
+                    None if verdict.set_confidence is None else round(verdict.set_confidence, 4)
+                ),
                 "unavailable": trust.unavailable,
                 **{f"quality_{name}": round(float(value), 6) for name, value in ready.quality.items()},
             },

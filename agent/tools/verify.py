@@ -33,9 +33,15 @@ def run(args: argparse.Namespace) -> int:
         f"  purpose {bundle.purpose}; backbone {backbone['name']} ({backbone['weights']}), "
         f"{manifest['quantization']}, input {bundle.preprocessing.size} px; manifest {bundle.sha256[:16]}"
     )
+    listed = manifest["files"].items()
+    channel_files = [entry for role, entry in listed if role.startswith("golden-")]
     files = ", ".join(
-        f"{role} {entry['path']} ({entry['bytes']} B)" for role, entry in manifest["files"].items()
+        f"{role} {entry['path']} ({entry['bytes']} B)"
+        for role, entry in listed
+        if not role.startswith("golden-")
     )
+    if channel_files:
+        files += f", {len(channel_files)} golden channel files ({sum(e['bytes'] for e in channel_files)} B)"
     print(f"  files: {files}: hashes match")
     print(
         f"  golden: {golden.n} stacks, embedding cosine min {golden.min_cosine:.5f}, "

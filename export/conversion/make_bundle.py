@@ -407,6 +407,8 @@ def write_bundle(
     }
     if novelty is not None:
         manifest["novelty"] = novelty
+    if "set_confidence" in trained.meta:  # models trained before the set-confidence flag lack it
+        manifest["set_confidence"] = trained.meta["set_confidence"]
     if quality_reference is not None:
         manifest["quality"] = {"reference": quality_reference}
     partial = out / f".{MANIFEST}.tmp"

@@ -46,6 +46,7 @@ from export.data.split import train_test_split
 from export.features.embed import CacheError, EmbeddingCache, Embeddings, embedder_sidecar
 from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
+from export.training.flagging import SetConfidence
 from export.training.folds import out_of_fold
 from export.training.forests import (
     DEFAULT_FOLDS,
@@ -57,7 +58,7 @@ from export.training.forests import (
     predict_joint,
     predict_scores,
 )
-from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, best_thresholds
+from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, TRAINED, best_thresholds
 
 HELD_OUT = "held_out.npz"  # the test split's ids and the probabilities its figures come from
 MODEL_FORMAT = 2  # 2: classifiers.pkl holds a LocationForests (1: a list of 28 forests or None)
@@ -110,6 +111,7 @@ class TrainedModel:
     train_ids: list[str]
     test_ids: list[str]
     test_probabilities: np.ndarray  # N_test x 28: what the evaluation scored, for export's check
+    set_confidence: dict[str, Any]  # the manifest's entry for the review flag (`SetConfidence`)
 
 
 def join(
@@ -140,6 +142,12 @@ def train(
         min_positives=settings.min_positives,
         threshold_rule=settings.threshold_rule,
     ).fit(x_train, y_train)
+    set_confidence = SetConfidence().fit(
+        classifier.oof_scores_,
+        y_train,
+        classifier.thresholds_,
+        available=np.array([status == TRAINED for status in classifier.status_]),
+    )
     test_probabilities = classifier.predict_proba(x_test)
     ours = apply(test_probabilities, classifier.thresholds_)
     original_scores = predict_scores(
@@ -171,6 +179,11 @@ def train(
         "min_positives": settings.min_positives,
         "locations": classifier.threshold_choice_.to_rows(LOCATIONS),
         "novelty": novelty_entry(classifier),
+        "review_flag": {  # the set-confidence flag, out of fold on the training stacks
+            "cut": round(float(set_confidence.cut_), 6),
+            "flagged_share": round(set_confidence.flagged_share_, 4),
+            "uncertain_share": round(set_confidence.uncertain_share_, 4),
+        },
         "experiments": {},
     }
     if settings.try_joint:
@@ -183,6 +196,7 @@ def train(
         [ids[i] for i in train_rows],
         [ids[i] for i in test_rows],
         test_probabilities,
+        set_confidence.manifest_entry(LOCATIONS),
     )
 
 
@@ -283,6 +297,7 @@ def save(
         "trained_locations": model.classifier.trained_locations,
         "locations": model.classifier.location_rows(LOCATIONS),
         "novelty": novelty_entry(model.classifier),
+        "set_confidence": model.set_confidence,
         "embedding": key,
         "settings": {
             "forest": settings.forest.to_dict(),
