@@ -9,7 +9,9 @@
 # stack; then compares with `hpa-edge predict` on this machine: identical label sets, largest
 # score difference. Exit 1 if the golden check fails or fewer stacks keep their exact label
 # set than the bundle's own fidelity gate (`fidelity.gate` in its manifest, the share it had
-# to keep against the float reference at export; MIN_IDENTICAL overrides). Emulated timings
+# to keep against the float reference at export; MIN_IDENTICAL overrides). A bundle whose
+# forests were trained on its own embedder has no such gate (null): the share is reported,
+# and only the golden check can fail it. Emulated timings
 # mean nothing and are not reported. BUNDLE=DIR checks another bundle than models/demo.
 # Needs root (debootstrap, chroot, binfmt_misc), Debian's qemu-user-static and debootstrap,
 # and the network to Debian's and PyPI's registries. The root is kept in $ARM64_ROOT
@@ -26,7 +28,7 @@ say() { echo "arm64-check: $*"; }
 [ "$(id -u)" -eq 0 ] || { echo "arm64-check: run as root (debootstrap, chroot, binfmt_misc)" >&2; exit 2; }
 [ -d "$REAL/stacks" ] || { echo "arm64-check: real stacks not found in $REAL (set HPA_REAL)" >&2; exit 2; }
 [ -x "$HOST_PYTHON" ] || { echo "arm64-check: no $HOST_PYTHON (run make venv first)" >&2; exit 2; }
-GATE="$("$HOST_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["fidelity"]["gate"])' "$BUNDLE/manifest.json")"
+GATE="$("$HOST_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["fidelity"]["gate"] or 0)' "$BUNDLE/manifest.json")"
 MIN_IDENTICAL="${MIN_IDENTICAL:-$GATE}"
 say "bundle $BUNDLE; pass mark: identical label sets on at least $MIN_IDENTICAL of the stacks"
 
