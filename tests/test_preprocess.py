@@ -146,6 +146,27 @@ def test_the_lookup_table_gives_the_float_formulas_value_for_every_16_bit_level(
     np.testing.assert_array_equal(eight_bit(every, BitDepth(bits=bits), bits), _float_formula(every, bits))
 
 
+@pytest.mark.parametrize("bits", range(8, 17))
+def test_16_bit_channels_scale_the_same_by_opencv_or_by_the_table(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenCV's scaling is used only where it equals the table at every level; either way,
+    the same pixels (and so the same labels) come out."""
+    import agent.stacks.preprocess as module
+
+    pixels = np.random.default_rng(bits).integers(0, 2**bits, (300, 200)).astype(np.uint16)
+    fast = eight_bit(pixels, BitDepth(bits=bits), bits)
+    monkeypatch.setattr(module, "_scales_exactly", lambda bits: False)
+    np.testing.assert_array_equal(fast, eight_bit(pixels, BitDepth(bits=bits), bits))
+
+
+def test_opencv_scaling_is_taken_for_the_usual_camera_depths() -> None:
+    """Where the speed at 2048 x 2048 comes from: with this OpenCV the fast path is exact."""
+    from agent.stacks.preprocess import _scales_exactly
+
+    assert all(_scales_exactly(bits) for bits in (10, 12, 14, 16))
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_percentile_mode_by_lookup_table_is_the_float_stretch(dtype: type) -> None:
     rng = np.random.default_rng(4)

@@ -145,14 +145,34 @@ def eight_bit(pixels: np.ndarray, policy: BitDepth, bits: int | None) -> np.ndar
         return pixels
     if bits is None:
         raise ValueError("the bit depth of a 16-bit stack must be known to scale a channel")
+    if _scales_exactly(bits):
+        return np.asarray(cv2.convertScaleAbs(pixels, alpha=_bits_scale(bits)))
     return _apply(_bits_lut(bits), pixels)
+
+
+def _bits_scale(bits: int) -> float:
+    return 255.0 / float(2**bits - 1)
 
 
 @lru_cache(maxsize=8)
 def _bits_lut(bits: int) -> np.ndarray:
     levels = np.arange(65536, dtype=np.uint16)
-    scale = 255.0 / float(2**bits - 1)
-    return np.clip(np.rint(levels.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(levels.astype(np.float32) * _bits_scale(bits)), 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _scales_exactly(bits: int) -> bool:
+    """Whether OpenCV's `convertScaleAbs` gives the lookup table's value for every one of the
+    65,536 levels at this depth (checked once per depth, well under a millisecond).
+
+    It is 11x faster than the table on a 2048 x 2048 channel (1.2 vs 13 ms: numpy's fancy
+    indexing is the slow part of preprocessing at full resolution) and, with OpenCV 5.0,
+    identical at every depth from 8 to 16 bits; an OpenCV that rounds otherwise falls back
+    to the table, so the pixels, and the labels, never depend on which path ran.
+    """
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    fast = cv2.convertScaleAbs(levels, alpha=_bits_scale(bits))
+    return bool(np.array_equal(fast, _bits_lut(bits).reshape(256, 256)))
 
 
 def _stretch_lut(dtype: np.dtype, low: float, high: float) -> np.ndarray:
