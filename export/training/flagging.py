@@ -44,7 +44,13 @@ features; the smallest decision chance; the expected number of wrong decisions. 
 sets left unflagged miss a second or third label whose calibrated chance was 2-10%. Shares
 0.33-0.42 gave ratios of 1.75-1.92 everywhere; a cut fitted out of fold flags fewer new
 stacks than training ones (presumably the merged forests' scores are less often ambiguous than one
-fold forest's), hence a share of 0.40, the issue's limit, on the training stacks.
+fold forest's), hence a share of 0.40, the issue's limit, on the training stacks at first.
+
+With the forests trained on the int8 embedder's own features (the demo bundle since `hpa-edge
+convert`), the same 0.40 flagged 41% of the 200 new stacks (ratio 1.61): new stacks drift a
+few points either side of the training share (33-41% across the float and int8 builds), so
+the default is 0.35, which keeps them under the 40% limit (33.5% there, ratio 1.66; shares
+0.30-0.40 gave 1.84-1.61 on those stacks, fewer flags giving the higher ratio).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from agent.model.review import SET_CONFIDENCE_METHOD, SET_CONFIDENCE_VERSION, Se
 from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS
 
-DEFAULT_SHARE = 0.40  # of the training stacks flagged out of fold (new stacks: a little fewer)
+DEFAULT_SHARE = 0.35  # of the training stacks flagged out of fold (new stacks: within a few points)
 DEFAULT_CLIP = 0.005  # no decision is taken as more certain than 99.5%
 DECIMALS = 6  # of the table's points in the manifest
 
