@@ -370,7 +370,8 @@ def report(summary: Mapping[str, Any]) -> None:
         s = summary["startup"]
         print(
             f"startup: hpa-edge run to READY=1 in {s['start_to_ready_s']} s, RSS {s['rss_at_ready_mb']} MB; "
-            f"peak RSS after 200 stacks {s['peak_rss_after_200_stacks_mb']} MB"
+            f"RSS after 200 stacks {s['rss_after_200_stacks_mb']} MB "
+            f"(peak {s['peak_rss_after_200_stacks_mb']} MB); unit environment {s['environment'] or 'none'}"
         )
     if "landing" in summary:
         found = summary["landing"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -127,6 +128,22 @@ def stage_stacks(
     return moves
 
 
+# The systemd unit beside the package (a checkout's; an install has /etc/systemd/system's).
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "hpa-edge.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The unit's Environment= settings, so the agent the bench starts runs as the service does
+    (glibc reads MALLOC_* only when a process starts); {} where the unit is not found."""
+    found: dict[str, str] = {}
+    for line in (read_text(str(unit)) or "").splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.removeprefix("Environment=")):
+                name, _, value = item.partition("=")
+                found[name] = value
+    return found
+
+
 def _status_kb(pid: int, field: str) -> int | None:
     status = read_text(f"/proc/{pid}/status") or ""
     found = [int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")]
@@ -150,6 +167,7 @@ def startup(
     sock.bind(str(folder / "notify"))
     sock.settimeout(30)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
+    env.update(unit_environment())
     env["NOTIFY_SOCKET"] = str(folder / "notify")
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -169,6 +187,7 @@ def startup(
         while len(list((incoming / "done").glob("*"))) < len(moves) and time.perf_counter() < deadline:
             time.sleep(0.1)
         peak = _status_kb(process.pid, "VmHWM")
+        now = _status_kb(process.pid, "VmRSS")
     finally:
         process.terminate()
         process.wait(30)
@@ -176,7 +195,9 @@ def startup(
     return {
         "start_to_ready_s": round(ready, 3),
         "rss_at_ready_mb": round(at_ready / 1024, 1) if at_ready else None,
+        "rss_after_200_stacks_mb": round(now / 1024, 1) if now else None,
         "peak_rss_after_200_stacks_mb": round(peak / 1024, 1) if peak else None,
+        "environment": unit_environment(),
     }
 
 
@@ -292,6 +313,7 @@ def _agent_process(
     sock.bind(str(folder / "notify"))
     sock.settimeout(60)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
+    env.update(unit_environment())
     env["NOTIFY_SOCKET"] = str(folder / "notify")
     if source is not None:  # another checkout's agent (before/after comparisons)
         env["PYTHONPATH"] = str(source.resolve())
