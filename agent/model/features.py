@@ -145,11 +145,13 @@ _REGION_CODES = np.stack(
 def hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) -> np.ndarray:
     """44 numbers (see `hand_layout`) for one preprocessed stack, uint8 S x S x 3.
 
-    Written for the device's per-stack budget (the recipe may add 3 ms at 224 px): the masks
-    and the difference-of-Gaussians images are computed as OpenCV computes them, bit for bit;
-    everything measured on them works from one joint histogram of (region code, green value),
-    exact integer sums and partial sorts, so the numbers equal a direct per-mask computation
-    up to float rounding (tests/test_features.py keeps that reference and compares).
+    Written for the device's per-stack budget (the recipe may add 3 ms at 224 px). The masks
+    are OpenCV's, bit for bit (a pixel flipped there would move every region's figures); the
+    differences of Gaussians equal OpenCV's two blurs to float32 rounding (the wide ones go
+    through a DFT, see DFT_REACH); what is measured on them comes from one joint histogram of
+    (region code, green value), exact integer sums and partial sorts. So the numbers equal a
+    direct per-mask computation to float rounding: tests/test_features.py keeps that plain
+    version and compares them on synthetic stacks of every size and on the 101 real ones.
     """
     slots = params["slots"]
     planes = cv2.split(image)
