@@ -308,14 +308,19 @@ def _recipe_bundle(tmp_path: Path, name: str) -> Path:
     probabilities redone through the recipe, and the manifest naming it (no novelty reference)."""
     from sklearn.ensemble import ExtraTreesClassifier
 
+    from agent.model.bundle import golden_images
     from agent.model.features import recipe
     from agent.model.runtimes import load_classifier
+    from agent.stacks.preprocess import Preprocessing
     from export.conversion.convert import forests_to_onnx
 
     folder = _copy(REPO / "models" / "demo", tmp_path)
     found = recipe(name)
     with np.load(folder / "golden.npz") as golden:
-        images, embeddings = golden["images"], golden["embeddings"]
+        arrays = {key: golden[key] for key in golden.files}
+    embeddings = arrays["embeddings"]
+    prep = Preprocessing.from_dict(json.loads((folder / "manifest.json").read_text())["preprocessing"])
+    images = golden_images(folder, arrays["stacks"].tolist(), prep)  # the golden channel files, read
     width = found.width(embeddings.shape[1])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, width)).astype(np.float32)
@@ -325,10 +330,8 @@ def _recipe_bundle(tmp_path: Path, name: str) -> Path:
         forests.append(ExtraTreesClassifier(n_estimators=4, max_leaf_nodes=8, random_state=j).fit(x, column))
     onnx = forests_to_onnx(forests, width)
     (folder / "classifiers.onnx").write_bytes(onnx)
-    probabilities = load_classifier(onnx)(found(images, embeddings))
-    np.savez_compressed(
-        folder / "golden.npz", images=images, embeddings=embeddings, probabilities=probabilities
-    )
+    arrays["probabilities"] = load_classifier(onnx)(found(images, embeddings))
+    np.savez_compressed(folder / "golden.npz", **arrays)
     manifest = json.loads((folder / "manifest.json").read_text())
     for role in ("classifiers", "golden"):
         path = folder / manifest["files"][role]["path"]
