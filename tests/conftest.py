@@ -24,10 +24,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    """../shared/hpa-real beside the checkout (or $HPA_REAL); tests skip when it is absent."""
+    """../shared/hpa-real beside the checkout (or $HPA_REAL), for the few tests that check facts of
+    the real files themselves (their published hashes, the full Kaggle label file); they skip
+    when it is absent. A test that needs only stacks in the real format uses `stack_source`."""
     folder = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
     if not (folder / "stacks").is_dir():
-        pytest.skip(f"real HPA stacks not found at {folder} (set HPA_REAL to their folder)")
+        pytest.skip(
+            f"checks the real HPA files themselves, not found at {folder} (set HPA_REAL to their folder)"
+        )
     return folder
 
 

@@ -98,13 +98,14 @@ def test_int8_without_calibration_images_is_refused() -> None:
 
 
 @pytest.mark.integration
-def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float_on_real_stacks(real_dir: Path) -> None:
+def test_keeping_the_stem_in_float_brings_int8_lite0_closer_to_float(stack_source: Path) -> None:
+    """On the real stacks, or the project's synthetic stand-ins at the real size without them."""
     from agent.stacks.preprocess import Preprocessing, preprocess
     from export.data.dataset import Dataset
     from export.features.backbones import BackboneSpec, build
 
     prep = Preprocessing(size=224)
-    dataset = Dataset(real_dir / "stacks", real_dir / "labels.csv")
+    dataset = Dataset(stack_source / "stacks", stack_source / "labels.csv")
     images = np.stack([preprocess(s.channels, prep) for _, s in dataset.stacks_for(set(dataset.ids[:30]))])  # type: ignore[union-attr]
     calibration, held = images[:20], images[20:]
     model = build(BackboneSpec("lite0"), 224)

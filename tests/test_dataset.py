@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from agent.stacks.errors import StackError
+from agent.stacks.labels import N_LOCATIONS
+from agent.stacks.stack import find_stacks
 from export.data.dataset import Dataset, DatasetError, read_labels
 from tests.helpers import write_stack
 from tests.test_hpav18 import cells, write_channel, write_hpav18_stack
@@ -156,13 +158,17 @@ def test_an_hpav18_file_with_the_wrong_planes_surfaces_as_that_stacks_error(tmp_
     assert results[1].path == paths["green"]
 
 
-def test_real_labels_file_reads(real_dir: Path) -> None:
-    data = Dataset(real_dir / "stacks", real_dir / "labels.csv")
-    assert len(data) == 101
+def test_a_real_format_folder_reads_with_its_label_file(stack_source: Path) -> None:
+    """The real stacks (101) or the synthetic stand-ins (24): every labelled stack is found, and
+    the label matrix is the file's labels."""
+    data = Dataset(stack_source / "stacks", stack_source / "labels.csv")
+    rows = read_labels(stack_source / "labels.csv")
+    assert len(data) == len(rows) == len(find_stacks(stack_source / "stacks"))
     counts = data.label_matrix().sum(axis=0)
-    assert counts[0] > 0
-    assert counts[25] > 0
-    assert counts[27] == 0
+    assert counts.tolist() == [sum(j in row.labels for row in rows) for j in range(N_LOCATIONS)]
+    assert counts[0] > 0  # Nucleoplasm, the commonest location, in both
+    assert counts[25] > 0  # Cytosol
+    assert counts[27] == 0  # Rods & rings, rare, in neither
 
 
 def test_full_kaggle_label_file_parses(real_dir: Path) -> None:

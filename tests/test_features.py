@@ -23,6 +23,7 @@ from agent.model.features import (
     region_pool,
 )
 from agent.stacks.preprocess import DEFAULT_SLOTS, Preprocessing, parse_slots, preprocess
+from tests.conftest import SOURCE_STACKS
 
 
 def _images(n: int = 2, size: int = 96) -> np.ndarray:
@@ -221,17 +222,18 @@ def test_hand_features_equal_the_plain_reference_on_synthetic_stacks_of_every_si
     _assert_same_features([*images, edge, flat, noisy])
 
 
-def test_hand_features_equal_the_plain_reference_on_the_real_stacks(real_dir: Path) -> None:
+def test_hand_features_equal_the_plain_reference_on_the_real_stacks(stack_source: Path) -> None:
+    """The 101 real stacks, or the project's 24 synthetic stand-ins at the real size without them."""
     prep = Preprocessing(size=224)
     images = []
-    for green in sorted((real_dir / "stacks").glob("*_green.png")):
+    for green in sorted((stack_source / "stacks").glob("*_green.png")):
         stem = green.name.removesuffix("_green.png")
         channels = {
             c: np.asarray(cv2.imread(str(green.with_name(f"{stem}_{c}.png")), cv2.IMREAD_UNCHANGED))
             for c in ("red", "green", "blue", "yellow")
         }
         images.append(preprocess(channels, prep))
-    assert len(images) >= 100
+    assert len(images) >= SOURCE_STACKS
     _assert_same_features(images)
 
 

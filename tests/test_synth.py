@@ -42,6 +42,14 @@ def test_labels_per_stack_follow_the_kaggle_training_set() -> None:
     assert all(len(set(s)) == len(s) for s in sets)
 
 
+def test_a_prior_supplies_the_label_sets_in_its_proportions() -> None:
+    """A stand-in prior of known make-up: only its sets come out, about as often as in it."""
+    prior: list[tuple[int, ...]] = [(0,)] * 70 + [(0, 25)] * 25 + [(3, 7, 11)] * 5
+    sets = sample_label_sets(2_000, seed=5, prior=prior)
+    assert set(sets) == set(prior)
+    assert abs(sum(1 for s in sets if s == (0, 25)) / len(sets) - 0.25) < 0.03
+
+
 def test_a_prior_file_supplies_real_label_sets(real_dir: Path) -> None:
     prior = [row.labels for row in read_labels(real_dir / "train.csv")]
     sets = sample_label_sets(2_000, seed=5, prior=prior)
