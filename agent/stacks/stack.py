@@ -21,7 +21,7 @@ import numpy as np
 from agent.stacks import quality
 from agent.stacks.budget import Budget
 from agent.stacks.errors import StackError
-from agent.stacks.image import ChannelFile, Limits, open_channel, read_channel
+from agent.stacks.image import Channel, ChannelFile, Limits, open_channel, read_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import NamingScheme
 from agent.stacks.preprocess import Preprocessing, Reducer
@@ -44,15 +44,29 @@ class Stack:
         return self.channels["red"].dtype
 
 
-def read_stack(stack_id: str, paths: Mapping[str, Path], limits: Limits = Limits()) -> Stack:
+# Reads, hashes and decodes one channel file: (path, channel name, limits) -> Channel.
+ChannelReader = Callable[[Path, str, Limits], Channel]
+
+
+def _read_image_file(path: Path, channel: str, limits: Limits) -> Channel:
+    return read_channel(path, limits)  # a PNG or TIFF holds its channel whatever its name
+
+
+def read_stack(
+    stack_id: str,
+    paths: Mapping[str, Path],
+    limits: Limits = Limits(),
+    reader: ChannelReader = _read_image_file,
+) -> Stack:
     """Decode and check the four channels of one stack, all held at full resolution.
 
     All four must be present, of one shape and one bit depth: the model sees them as one
     image, and a mismatch means a mixed-up acquisition, not something to paper over.
-    For the workstation and checks; the device reads with `read_reduced`.
+    For the workstation and checks; the device reads with `read_reduced`. `reader` decodes
+    one file (the workstation's HPAv18 JPEGs need the channel's name to pick its plane).
     """
     _check_complete(stack_id, paths)
-    decoded = {c: read_channel(Path(paths[c]), limits) for c in CHANNELS}
+    decoded = {c: reader(Path(paths[c]), c, limits) for c in CHANNELS}
     for channel in CHANNELS[1:]:
         mismatch = _mismatch(channel, decoded[channel].pixels, decoded["red"].pixels, Path(paths[channel]))
         if mismatch is not None:

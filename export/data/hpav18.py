@@ -55,6 +55,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agent.stacks import stack
 from agent.stacks.errors import StackError
 from agent.stacks.image import Channel, Header, Limits
 from agent.stacks.labels import CHANNELS
@@ -100,37 +101,10 @@ def is_jpeg(path: Path) -> bool:
 
 
 def read_stack(stack_id: str, paths: Mapping[str, Path], limits: Limits = Limits()) -> Stack:
-    """Decode the four HPAv18 JPEGs of one stack into the grayscale channels the pipeline uses.
-
-    The same contract as `agent.stacks.stack.read_stack`: all four present and of one size,
-    the sha256 of every file's bytes (so embed's cache fingerprints match the files), and a
-    StackError naming the file otherwise.
-    """
-    missing = [c for c in CHANNELS if c not in paths]
-    if missing:
-        some = next(iter(paths.values()), None)
-        raise StackError(
-            "missing_channel",
-            f"stack {stack_id!r} lacks channel(s) {', '.join(missing)}",
-            Path(some).parent if some is not None else None,
-        )
-    decoded = {c: read_channel(Path(paths[c]), c, limits) for c in CHANNELS}
-    height, width = decoded["red"].pixels.shape
-    for channel in CHANNELS[1:]:
-        shape = decoded[channel].pixels.shape
-        if shape != (height, width):
-            raise StackError(
-                "shape_mismatch",
-                f"{channel} is {shape[1]} x {shape[0]} but red is {width} x {height}; "
-                "all channels of a stack must match",
-                Path(paths[channel]),
-            )
-    return Stack(
-        stack_id=stack_id,
-        channels={c: decoded[c].pixels for c in CHANNELS},
-        sha256={c: decoded[c].sha256 for c in CHANNELS},
-        paths={c: Path(paths[c]) for c in CHANNELS},
-    )
+    """Decode the four HPAv18 JPEGs of one stack into the grayscale channels the pipeline uses:
+    `agent.stacks.stack.read_stack`'s checks (all four present, of one size, the sha256 of every
+    file's bytes so embed's cache fingerprints match the files) with this module's decoder."""
+    return stack.read_stack(stack_id, paths, limits, reader=read_channel)
 
 
 def read_channel(path: Path, channel: str, limits: Limits = Limits()) -> Channel:
