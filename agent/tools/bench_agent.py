@@ -163,23 +163,10 @@ def startup(
         f'threads = {args.threads}\n[state]\ndatabase = "{folder / "state.db"}"\n[mqtt]\nport = 9\n'
     )
     moves = stage_stacks(stacks, 200, folder / "staging", incoming)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(folder / "notify"))
-    sock.settimeout(30)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
-    env.update(unit_environment())
-    env["NOTIFY_SOCKET"] = str(folder / "notify")
     start = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_agent(config, folder, ready_within=30)
+    ready = time.perf_counter() - start
     try:
-        while b"READY=1" not in sock.recv(4096):
-            pass
-        ready = time.perf_counter() - start
         at_ready = _status_kb(process.pid, "VmRSS")
         for staged, target in moves:
             os.rename(staged, target)
@@ -191,7 +178,6 @@ def startup(
     finally:
         process.terminate()
         process.wait(30)
-        sock.close()
     return {
         "start_to_ready_s": round(ready, 3),
         "rss_at_ready_mb": round(at_ready / 1024, 1) if at_ready else None,
@@ -309,13 +295,22 @@ def _agent_process(
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nprotocol = "{broker.protocol}"\n'
         f'topic_prefix = "{prefix}"\n'
     )
+    return start_agent(config, folder, ready_within=60, source=source)
+
+
+def start_agent(
+    config: Path, folder: Path, ready_within: float, source: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`hpa-edge run --config CONFIG` as systemd starts it (the unit's Environment=, a notify
+    socket in `folder`, output to folder/agent.log), returned once it said READY=1; `source`
+    runs another checkout's agent (before/after comparisons)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(folder / "notify"))
-    sock.settimeout(60)
+    sock.settimeout(ready_within)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
     env.update(unit_environment())
     env["NOTIFY_SOCKET"] = str(folder / "notify")
-    if source is not None:  # another checkout's agent (before/after comparisons)
+    if source is not None:
         env["PYTHONPATH"] = str(source.resolve())
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
