@@ -172,6 +172,20 @@ def test_train_passes_on_the_embedder_and_the_held_out_probabilities(
     assert meta["set_confidence"]["method"] == "calibrated-product"
 
 
+def test_train_refuses_a_cache_that_lost_its_embedder(
+    deployed_cache: Path, synthetic_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(deployed_cache, cache)
+    (cache / "embedder.tflite").unlink()
+    args = ["train", "--embeddings", str(cache), "--labels", str(synthetic_set / "train.csv"),
+            "--out", str(tmp_path / "model")]  # fmt: skip
+    assert main(args) == 2
+    assert "copy of its embedder is missing" in capsys.readouterr().err
+
+
 def test_export_ships_the_file_the_forests_were_trained_on(deployed_bundle: Path, converted: Path) -> None:
     manifest = _manifest(deployed_bundle)
     assert (deployed_bundle / "embedder.tflite").read_bytes() == converted.read_bytes()

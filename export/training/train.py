@@ -419,7 +419,11 @@ def run(args: argparse.Namespace) -> int:
             threshold_rule=args.threshold_rule,
         )
         labels = {row.stack_id: row.labels for row in read_labels(args.labels)}
-        embeddings = EmbeddingCache(args.embeddings).load()
+        cache = EmbeddingCache(args.embeddings)
+        embeddings = cache.load()
+        embedder = cache.embedder_file  # the converted file the vectors came from, passed on
+        if embedder is not None and not embedder.is_file():
+            raise TrainError(f"{embedder}: the cache's copy of its embedder is missing; embed again")
         recipe = embeddings.features  # refuses a recipe this code does not know, or a width it does not give
         include = read_id_list(args.include_ids) if args.include_ids else None
         ids, lacking = join(embeddings, labels, include)
@@ -439,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     x, y = embeddings.rows(ids), label_matrix(ids, labels)
     name = args.name or args.labels.resolve().parent.name
     model = train(x, y, ids, settings, name)
-    save(model, args.out, embeddings.key, settings, EmbeddingCache(args.embeddings).embedder_file)
+    save(model, args.out, embeddings.key, settings, embedder)
     print(summary_text(model.evaluation), end="")
     print(
         f"train: features {recipe.name} v{recipe.version} ({x.shape[1]} values); "
