@@ -450,6 +450,9 @@ def test_the_page_in_chromium_shows_what_the_agent_publishes_and_survives_a_brok
             docs = [json.loads(m.payload) for m in subscriber.on("results")]
             (failure,) = [json.loads(m.payload) for m in subscriber.on("errors")]
             subscriber.client.publish("hpa-edge/scope/results", subscriber.on("results")[0].payload, qos=1)
+            # The agent publishes a picture after each result: ours must come after the last of
+            # them to be the latest (a race CI lost once: the agent's 224 px one came last).
+            assert subscriber.wait_for(lambda: len(subscriber.on("thumbnail")) >= n)
             subscriber.client.publish("hpa-edge/scope/thumbnail", thumbnail(), qos=1, retain=True)
             newest = max(docs, key=lambda d: d["time"])
             assert subscriber.wait_for(
