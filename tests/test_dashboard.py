@@ -460,7 +460,7 @@ def test_the_page_in_chromium_shows_what_the_agent_publishes_and_survives_a_brok
             )
             shown = chromium.wait_for(
                 f"(() => {{ const s = {PAGE_STATE}; return s.rows.length === {n} && s.errors.length === 1"
-                f" && s.picture > 0 && s.stats.includes('processed {n} ')"
+                f" && s.picture === 128 && s.stats.includes('processed {n} ')"
                 f" && s.stack === {json.dumps(newest['stack_id'])}"
                 " ? s : null; })()"
             ) or chromium.evaluate(PAGE_STATE)
