@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -165,3 +167,42 @@ def test_a_channel_that_differs_when_decoded_again_is_refused(
     with pytest.raises(StackError) as info:
         read_reduced("s1", paths, PREP)
     assert (info.value.code, info.value.path) == ("changed", paths["red"])
+
+
+# ---------------------------------------------------------------- channels read at once
+
+
+def test_two_channels_of_a_stack_are_read_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read waits for another to start: read one after the other, the barrier breaks."""
+    paths = write_stack(tmp_path, "s1", size=(64, 64))
+    whole = read_stack("s1", paths)
+    meet = threading.Barrier(stack.CHANNEL_THREADS, timeout=10)
+    real_read = image.ChannelFile.read
+
+    def read_together(self: image.ChannelFile) -> image.Channel:
+        meet.wait()
+        return real_read(self)
+
+    monkeypatch.setattr(image.ChannelFile, "read", read_together)
+    reduced = read_reduced("s1", paths, PREP)
+    assert reduced.sha256 == whole.sha256
+    np.testing.assert_array_equal(reduced.image, preprocess(whole.channels, PREP))
+
+
+def test_the_first_channels_error_wins_even_when_a_later_one_fails_sooner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_stack(tmp_path, "s1")
+    paths["green"].write_bytes(b"")  # fails at once
+    real_read = image.ChannelFile.read
+
+    def red_slow_and_corrupt(self: image.ChannelFile) -> image.Channel:
+        if self.path == paths["red"]:
+            time.sleep(0.2)
+            raise StackError("corrupt", "image cannot be decoded", self.path)
+        return real_read(self)
+
+    monkeypatch.setattr(image.ChannelFile, "read", red_slow_and_corrupt)
+    with pytest.raises(StackError) as info:
+        read_reduced("s1", paths, PREP)
+    assert (info.value.code, info.value.path) == ("corrupt", paths["red"])

@@ -1,6 +1,6 @@
 """One stack from its files to what the agent will say about it: a result or an error.
 
-decode, image-quality figures and preprocess, one channel at a time
+decode, image-quality figures and preprocess, channel by channel, two at once
 (`agent.stacks.stack.read_reduced`, with `quality` and `preprocess`) -> embed, the bundle's
 feature recipe (`agent.model.features`) and classify (the bundle's runtimes) -> thresholds
 (`Bundle.labels_for`) -> the review flag (`review`) -> the document (`messages`).
@@ -8,8 +8,8 @@ Nothing here writes to disk or the network, and nothing here decides where files
 returns an `Analysis` that the service records and then acts on, so the same code serves the
 agent, `hpa-edge predict` and the benchmark. `prepare` (decode and preprocess: OpenCV and
 numpy, which release the GIL) and `infer` are separate so the agent can decode the next
-stack on one core while the models run on the other. A stack never holds more than one
-full-resolution channel, and the decode threads of one pipeline share a memory budget
+stack on one core while the models run on the other. A stack holds at most one
+full-resolution channel per reading thread, and the reading threads share a memory budget
 (`agent.stacks.budget`): a big channel is decoded alone.
 """
 

@@ -14,9 +14,9 @@ decoded from memory as before. `decode_cost` says how much a channel may take, f
 `agent.stacks.budget`.
 
 Speed: an uncompressed TIFF laid out simply is read straight into its pixel array, without a
-decoder (`raw_layout`; the same pixels as OpenCV's); the sha256 of a file can be computed on a
-helper thread ahead of or beside its decoding (`ChannelFile.hash_ahead`, HASH_BESIDE_BYTES),
-always of the file's exact bytes (docs/benchmark.md#per-stack-at-2048-x-2048).
+decoder (`raw_layout`; the same pixels as OpenCV's), and hashed on the way; a bigger file
+OpenCV decodes is hashed on a helper thread beside its decoding (HASH_BESIDE_BYTES), always
+of the file's exact bytes (docs/benchmark.md#per-stack-at-2048-x-2048).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -137,20 +137,6 @@ class ChannelFile:
         self._handle = handle
         self._identity = _identity(stat)
         self._raw = raw
-        self._hashing: Future[str] | None = None
-
-    def hash_ahead(self) -> None:
-        """Start hashing the file on a helper thread now (it holds a 1 MB chunk at a time, no
-        pixels): `read` then only decodes, and takes that hash. For the next channel of a
-        stack while the current one is decoded and reduced (`stack.read_reduced`)."""
-        if self._hashing is None:
-            self._hashing = _hasher().submit(_hash_fd, self._handle.fileno())
-
-    def _settle(self) -> None:
-        """Wait for a hash started ahead (its thread reads the descriptor about to be closed)."""
-        if self._hashing is not None and not self._hashing.cancel():
-            with suppress(OSError):
-                self._hashing.result()
 
     def decode_cost(self) -> int:
         """Bytes `read` may hold at its peak (`decode_cost`)."""
@@ -165,10 +151,8 @@ class ChannelFile:
         digest = hashlib.sha256()
         data = b""
         from_fd = DECODE_FROM_FD and _fd_names_open(handle.fileno())
-        hashing = self._hashing
-        if hashing is not None and from_fd:
-            pass  # hashed ahead
-        elif from_fd and self.size >= HASH_BESIDE_BYTES:
+        hashing: Future[str] | None = None
+        if from_fd and self.size >= HASH_BESIDE_BYTES:
             # The file hashed on another thread while OpenCV decodes it (both release the GIL;
             # the hash reads the file through its own offsets, a chunk at a time).
             hashing = _hasher().submit(_hash_fd, handle.fileno())
@@ -200,7 +184,6 @@ class ChannelFile:
         into the pixel array, every byte of the file hashed on the way, in file order (no
         decoder, no second copy). The same pixels as OpenCV's decode, in a third of the time."""
         header, path = self.header, self.path
-        hashing = self._hashing
         dtype = np.dtype(np.uint16 if header.bits == 16 else np.uint8).newbyteorder(raw.order)  # type: ignore[arg-type]
         pixels = np.empty((header.height, header.width), dtype)
         digest = hashlib.sha256()
@@ -218,9 +201,8 @@ class ChannelFile:
                     break
                 got += n
             complete = complete and got == len(part)
-            if hashing is None:
-                digest.update(part)
-        sha256 = hashing.result() if hashing is not None else digest.hexdigest()
+            digest.update(part)
+        sha256 = digest.hexdigest()
         if not complete or handle.read(1) or _identity(os.fstat(handle.fileno())) != self._identity:
             raise StackError(
                 "changed", "file changed while it was read (still being written?); not analysed", path
@@ -284,11 +266,7 @@ def open_channel(path: Path, limits: Limits = Limits()) -> Iterator[ChannelFile]
         header = _read_header(view, Path(path))
         _check_header(header, Path(path), limits)
         raw = raw_layout(view, header) if header.format == "tiff" and RAW_TIFF else None
-        opened = ChannelFile(Path(path), handle, stat, header, raw)
-        try:
-            yield opened
-        finally:
-            opened._settle()
+        yield ChannelFile(Path(path), handle, stat, header, raw)
     finally:
         handle.close()
 

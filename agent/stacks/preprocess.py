@@ -14,12 +14,14 @@ Bit-depth policy (how 12/16-bit channels become the 8-bit the model was trained 
 
 Memory: a channel goes to 8 bits through a lookup table built with the policy's own float
 arithmetic (the same pixels to the bit, without a float copy of the channel), and is resized
-at once (`Reducer`), so the device never holds more than one full-resolution channel and its
-8-bit copy; `preprocess` gives the same image from a stack whose channels are all at hand.
+at once (`Reducer`), so a channel costs the device its full-resolution pixels and their
+8-bit copy, and only while it is being read; `preprocess` gives the same image from a stack
+whose channels are all at hand.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -203,6 +205,9 @@ class Reducer:
     seen so far (`add` in channel order), and `stale` names the channels whose guess the
     rest of the stack overturned; their caller adds them again. `peak` (the whole stack's
     brightest pixel) settles the depth up front when the caller has every channel already.
+    Threads may add channels at once: each then passes `seen`, the brightest pixel of its
+    channel and of those before it in channel order, so every channel is scaled as reading
+    them in order would have scaled it, whichever finishes first.
     """
 
     def __init__(self, prep: Preprocessing, peak: int | None = None) -> None:
@@ -212,6 +217,7 @@ class Reducer:
         self._known = peak is not None
         self._small: dict[str, np.ndarray] = {}
         self._scaled_by: dict[str, int | None] = {}
+        self._lock = threading.Lock()
 
     def cost(self, width: int, height: int, bits: int) -> int:
         """Bytes `add` holds beside a channel of this size at most: its 8-bit copy, and for
@@ -221,23 +227,34 @@ class Reducer:
             cost += width * height * (2 if bits == 16 else 1)
         return cost
 
-    def add(self, name: str, pixels: np.ndarray) -> None:
+    def peak_of(self, pixels: np.ndarray) -> int:
+        """The channel's brightest pixel where the stack's bit depth depends on it, else 0."""
+        policy = self.prep.bit_depth
+        auto = policy.mode == "bits" and policy.bits is None and pixels.dtype == np.uint16
+        return int(pixels.max()) if auto and not self._known else 0
+
+    def add(self, name: str, pixels: np.ndarray, seen: int | None = None) -> None:
         """Take one channel into account and keep its reduced form (if a slot uses it)."""
         policy = self.prep.bit_depth
         auto = policy.mode == "bits" and policy.bits is None and pixels.dtype == np.uint16
-        if auto and not self._known:
-            self._peak = max(self._peak or 0, int(pixels.max()))
+        with self._lock:
+            peak = self._peak
+            if auto and not self._known:
+                peak = self.peak_of(pixels) if seen is None else seen
+                peak = max(self._peak or 0, peak) if seen is None else peak
+                self._peak = max(self._peak or 0, peak)
         if name not in self.needed:
             return
         bits: int | None = None
         if policy.mode == "bits" and pixels.dtype == np.uint16:
-            bits = policy.bits or bits_for(self._peak or 0)
-        self._scaled_by[name] = bits if auto else None
+            bits = policy.bits or bits_for(peak or 0)
         eight = eight_bit(pixels, policy, bits)
         size = (self.prep.size, self.prep.size)
         if eight.shape != size:
             eight = cv2.resize(eight, size, interpolation=RESIZE_METHODS[self.prep.resize])
-        self._small[name] = eight
+        with self._lock:
+            self._scaled_by[name] = bits if auto else None
+            self._small[name] = eight
 
     def stale(self) -> list[str]:
         """Channels scaled by a bit depth below the stack's: to be added again."""

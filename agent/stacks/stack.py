@@ -1,17 +1,20 @@
 """Read one stack: its four channel files, checked against each other, with their hashes.
 
 `read_stack` holds the four decoded channels (the workstation, `check-stack`); `read_reduced`
-is the device's way: one channel at a time, each reduced to what the model and the quality
-checks need before the next is decoded, so a stack costs about one channel's memory.
+is the device's way: channel by channel, two at once when they fit the decode budget, each
+reduced to what the model and the quality checks need as soon as it is decoded, so a stack
+costs about one channel's memory per reading thread, and one channel's when channels are big.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,43 +106,42 @@ def read_reduced(
     bits: int | None = None,
     budget: Budget | None = None,
 ) -> Reduced:
-    """Read one stack a channel at a time: decode it, hash it, take what the quality figures
-    and the embedder need of it, let the full-resolution pixels go, then the next channel.
+    """Read one stack channel by channel: decode a channel, hash it, take what the quality
+    figures and the embedder need of it and let the full-resolution pixels go.
 
     The same checks, errors (in the same order), hashes, figures and image as `read_stack`
-    followed by `quality.measure` and `preprocess`. `bits` is the camera's bit depth for
-    the quality figures (`quality.measure`). With `budget`, each channel waits until what it
-    will hold fits beside the other decode threads' channels (`agent.stacks.budget`). A
-    channel scaled before the stack's automatic bit depth was known is decoded again
-    (`preprocess.Reducer`); its file must still have the same sha256.
+    followed by `quality.measure` and `preprocess`. The channels are read as parallel tasks
+    (CHANNEL_THREADS; OpenCV, numpy and hashlib release the GIL), so one stack's four files
+    take about half the time on two cores; what reading them in order decides is kept (the
+    first file's error wins, a channel's bit depth comes from it and the channels before it).
+    `bits` is the camera's bit depth for the quality figures (`quality.measure`). With
+    `budget`, each channel waits until what it will hold fits beside the other channels being
+    decoded, its own stack's and other threads' (`agent.stacks.budget`): channels too big to
+    share it are decoded one at a time. A channel scaled before the stack's automatic bit
+    depth was known is decoded again (`preprocess.Reducer`); its file must still have the
+    same sha256.
     """
     _check_complete(stack_id, paths)
     reducer = Reducer(prep)
-    samples: dict[str, quality.Samples] = {}
-    sha256: dict[str, str] = {}
-    first: tuple[tuple[int, int], np.dtype] | None = None
-    mismatch: StackError | None = None
-    decoding = 0.0
-    with _Ahead(paths, limits) as ahead:
-        for name in CHANNELS:
-            path = Path(paths[name])
-            with ahead.open(name) as file, _reserve(budget, file, reducer):
-                began = time.perf_counter()
-                channel = file.read()
-                decoding += time.perf_counter() - began
-                sha256[name] = channel.sha256
-                pixels = channel.pixels
-                del channel
-                if first is None:
-                    first = (pixels.shape, pixels.dtype)
-                elif mismatch is None:
-                    mismatch = _mismatch(name, pixels, first, path)
-                if mismatch is None:
-                    samples[name] = quality.sample(name, pixels)
-                    reducer.add(name, pixels)
-                del pixels  # the full-resolution channel goes before the next is decoded
-    if mismatch is not None:
-        raise mismatch  # after every file was read: a file's own error comes first, as in read_stack
+    turns = _Turns(len(CHANNELS))
+    began = time.perf_counter()
+    tasks = [
+        _channel_pool().submit(_read_channel, i, Path(paths[name]), limits, budget, reducer, turns)
+        for i, name in enumerate(CHANNELS)
+    ]
+    reads = [task.result() for task in tasks]
+    together = time.perf_counter() - began
+    for read in reads:
+        if isinstance(read, StackError):
+            raise read  # the first file's own error, in channel order, before any mismatch
+    done = [read for read in reads if isinstance(read, _Read)]
+    for read in done:
+        if read.mismatch is not None:
+            raise read.mismatch
+    # The reading's share of the time the tasks took together (the rest: reducing).
+    busy = sum(read.decoding + read.reducing for read in done)
+    decoding = together * sum(read.decoding for read in done) / busy if busy > 0 else 0.0
+    sha256 = {name: read.sha256 for name, read in zip(CHANNELS, done, strict=True)}
     again = tuple(reducer.stale())
     for name in again:
         path = Path(paths[name])
@@ -151,64 +153,108 @@ def read_reduced(
                 raise StackError("changed", "file changed while the stack was read; not analysed", path)
             reducer.add(name, channel.pixels)
             del channel
-    assert first is not None
+    first = done[0]
     return Reduced(
         stack_id=stack_id,
         sha256=sha256,
         paths={c: Path(paths[c]) for c in CHANNELS},
-        shape=(int(first[0][0]), int(first[0][1])),
-        dtype=first[1],
+        shape=(int(first.shape[0]), int(first.shape[1])),
+        dtype=first.dtype,
         image=reducer.image(),
-        quality=quality.measure_samples(samples, bits),
+        quality=quality.measure_samples({r.name: r.sample for r in done if r.sample is not None}, bits),
         decode_seconds=decoding,
         decoded_again=again,
     )
 
 
-class _Ahead:
-    """The channel files of a stack opened one ahead: while a channel is decoded and reduced,
-    the next file is already being hashed on a helper thread (`ChannelFile.hash_ahead`: a
-    1 MB chunk at a time, no pixels held), so a stack's four sha256 runs overlap its decoding.
-    A file that cannot be opened raises its error in its own turn, as without the look-ahead."""
+# Channels of a stack read at once (two cores: the agent's decode and model threads share them).
+CHANNEL_THREADS = 2
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
-    def __init__(self, paths: Mapping[str, Path], limits: Limits) -> None:
-        self._paths = paths
-        self._limits = limits
-        self._opened: dict[str, tuple[ExitStack, ChannelFile | StackError]] = {}
 
-    def _start(self, name: str) -> None:
-        if name in self._opened or name not in self._paths:
-            return
-        stack = ExitStack()
-        try:
-            file: ChannelFile | StackError = stack.enter_context(
-                open_channel(Path(self._paths[name]), self._limits)
+def _channel_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=CHANNEL_THREADS, thread_name_prefix="channel")
+        return _pool
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One channel read: its hash, what of it the stack keeps, and the time it took."""
+
+    name: str
+    sha256: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sample: quality.Samples | None  # None when the stack is already known to be refused
+    mismatch: StackError | None  # differs from red in size or bit depth
+    decoding: float
+    reducing: float
+
+
+class _Turns:
+    """What the channel tasks of one stack tell each other, so that reading them at once
+    decides what reading them in order would: each reserves its memory after the channel
+    before it did (first come, first served, in channel order, so a task never holds memory
+    while waiting for an earlier one that waits for memory), then posts its size, bit depth
+    and brightest pixel, and reduces once every earlier channel has posted."""
+
+    def __init__(self, n: int) -> None:
+        self.reserved = [threading.Event() for _ in range(n)]
+        self.posted = [threading.Event() for _ in range(n)]
+        self.facts: list[tuple[tuple[int, ...], np.dtype, int] | None] = [None] * n
+
+    def post(self, i: int, facts: tuple[tuple[int, ...], np.dtype, int] | None) -> None:
+        if not self.posted[i].is_set():
+            self.facts[i] = facts
+            self.posted[i].set()
+
+    def before(self, i: int) -> list[tuple[tuple[int, ...], np.dtype, int] | None]:
+        for event in self.posted[:i]:
+            event.wait()
+        return self.facts[:i]
+
+
+def _read_channel(
+    i: int, path: Path, limits: Limits, budget: Budget | None, reducer: Reducer, turns: _Turns
+) -> _Read | StackError:
+    """Task: read channel `i` of a stack, then reduce it unless the stack is already refused."""
+    name = CHANNELS[i]
+    try:
+        if i:
+            turns.reserved[i - 1].wait()
+        with open_channel(path, limits) as file, _reserve(budget, file, reducer):
+            turns.reserved[i].set()
+            began = time.perf_counter()
+            channel = file.read()
+            decoded = time.perf_counter()
+            pixels = channel.pixels
+            peak = reducer.peak_of(pixels)
+            turns.post(i, (pixels.shape, pixels.dtype, peak))
+            earlier = turns.before(i)
+            first = earlier[0] if i else (pixels.shape, pixels.dtype, peak)
+            mismatch = None
+            if first is None or any(f is None or f[:2] != first[:2] for f in earlier):
+                refused = True  # read in order, the stack would have stopped at an earlier file
+            else:
+                mismatch = _mismatch(name, pixels, (first[0], first[1]), path) if i else None
+                refused = mismatch is not None
+            sample = None
+            if not refused:
+                sample = quality.sample(name, pixels)
+                reducer.add(name, pixels, seen=max([peak] + [f[2] for f in earlier if f is not None]))
+            reducing = time.perf_counter() - decoded
+            return _Read(
+                name, channel.sha256, pixels.shape, pixels.dtype, sample, mismatch, decoded - began, reducing
             )
-        except StackError as exc:
-            file = exc
-        if isinstance(file, ChannelFile):
-            file.hash_ahead()
-        self._opened[name] = (stack, file)
-
-    @contextmanager
-    def open(self, name: str) -> Iterator[ChannelFile]:
-        self._start(name)
-        following = CHANNELS.index(name) + 1
-        if following < len(CHANNELS):
-            self._start(CHANNELS[following])
-        stack, file = self._opened.pop(name)
-        with stack:
-            if isinstance(file, StackError):
-                raise file
-            yield file
-
-    def __enter__(self) -> _Ahead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for stack, _ in self._opened.values():
-            stack.close()
-        self._opened.clear()
+    except StackError as exc:
+        return exc
+    finally:
+        turns.reserved[i].set()
+        turns.post(i, None)  # a channel that failed (or raised) tells the later ones so
 
 
 def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> AbstractContextManager[None]:
