@@ -2,7 +2,7 @@
 channels decoded one at a time by the decode threads; and the same results as the
 whole-stack path.
 
-Figures (peak RSS, time) are the benchmark's (`python -m agent.stacks.memory`,
+Figures (peak RSS, time) are the benchmark's (`python -m agent.tools.memory`,
 docs/benchmark.md#memory); here only behaviour is checked, plus, in the slow tier, a
 measured bound on a big stack in a fresh process.
 """
@@ -10,6 +10,7 @@ measured bound on a big stack in a fresh process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -24,16 +25,17 @@ import pytest
 from agent.model.pipeline import Pipeline, Prepared
 from agent.service.config import Config
 from agent.service.decoding import Decoder
-from agent.stacks import image, memory, quality
+from agent.stacks import image, quality
 from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.image import Header, Limits, decode_cost
 from agent.stacks.preprocess import BitDepth, Preprocessing, Reducer, preprocess
 from agent.stacks.stack import CHANNEL_THREADS, find_stacks, read_reduced, read_stack
+from agent.tools import memory
 from tests.conftest import REPO
 
 MB = 1024 * 1024
 # The agent's RSS once idle with the demo bundle, after 20 small stacks (measured on the
-# team's 2-core x86 with `python -m agent.stacks.memory --agent`, docs/benchmark.md#memory).
+# team's 2-core x86 with `python -m agent.tools.memory --agent`, docs/benchmark.md#memory).
 IDLE_RSS_MB = 212
 
 
@@ -282,6 +284,18 @@ def test_the_memory_benchmark_reports_its_figures(tmp_path: Path) -> None:
     report = out.read_text()
     for key in ("reduced", "whole", "peak_above_before_mb", "seconds_median", "96 x 96"):
         assert key in report
+
+
+@pytest.mark.integration
+def test_the_memory_benchmark_measures_the_real_agent_started_as_systemd_starts_it(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    bundle = str(REPO / "models" / "demo")
+    argv = ["--side", "256", "--bits", "16", "--format", "tif", "--bundle", bundle, "--agent"]
+    assert memory.main([*argv, "--count", "1", "--warmup", "2", "--json", str(out)]) == 0
+    agent = json.loads(out.read_text())["agent"]
+    assert agent["outcome"] == {"big00_red.tif": "done"}
+    assert agent["rss_at_ready_mb"] > 0
+    assert agent["peak_mb"] >= agent["idle_rss_mb"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`python -m agent.stacks.memory`: how much memory reading one stack of a given size takes.
+"""`python -m agent.tools.memory`: how much memory reading one stack of a given size takes.
 
 Writes a stack of four channels (`--side`, `--bits`, `--format`, `--compression`; or reads
 `--stacks DIR`) and measures, each in a fresh process so that nothing else counts:
@@ -17,8 +17,8 @@ Writes a stack of four channels (`--side`, `--bits`, `--format`, `--compression`
 Peaks are the kernel's VmHWM (reset through /proc/PID/clear_refs where allowed). Figures
 only: nothing here passes or fails. Linux only. Examples (docs/benchmark.md#memory):
 
-    python -m agent.stacks.memory --side 6000 --bits 16 --format tif --bundle models/demo --whole
-    python -m agent.stacks.memory --side 6000 --bits 16 --bundle models/demo --agent --count 2
+    python -m agent.tools.memory --side 6000 --bits 16 --format tif --bundle models/demo --whole
+    python -m agent.tools.memory --side 6000 --bits 16 --bundle models/demo --agent --count 2
 
 It imports nothing above `agent.stacks`: the agent is started as a command, as systemd would.
 """
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.image import open_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.stack import find_stacks
+from agent.tools.bench_agent import start_agent
 
 MB = 1024 * 1024
 
@@ -210,7 +210,7 @@ def _preprocessing(args: argparse.Namespace) -> Any:
 
 def measure_reader(args: argparse.Namespace, folder: Path, path: str) -> dict[str, Any]:
     """Run one reader (`reduced` or `whole`) in a fresh process on the stack in `folder`."""
-    command = [sys.executable, "-m", "agent.stacks.memory", "--child", path, "--stacks", str(folder)]
+    command = [sys.executable, "-m", "agent.tools.memory", "--child", path, "--stacks", str(folder)]
     command += ["--repeat", str(args.repeat), "--bits", str(args.bits), "--format", args.format]
     command += ["--threads", str(args.threads), "--budget", str(args.budget)]
     command += ["--bundle", str(args.bundle)] if args.bundle else ["--size", str(args.size)]
@@ -235,21 +235,9 @@ def measure_agent(args: argparse.Namespace, stack: dict[str, Path], work: Path) 
     )
     staging = work / "staging"
     staging.mkdir()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(work / "notify"))
-    sock.settimeout(60)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPA_EDGE_")}
-    env["NOTIFY_SOCKET"] = str(work / "notify")
-    log = (work / "agent.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    # As systemd starts it, with the unit's environment (MALLOC_ARENA_MAX among it).
+    process = start_agent(config, work, ready_within=60)
     try:
-        while b"READY=1" not in sock.recv(4096):
-            pass
         at_ready = status_kb(process.pid, "VmRSS")
         small = [write_stack(staging / "small", f"small{i:03d}", 512, 8, "png", seed=i) for i in range(8)]
         names = []
@@ -279,8 +267,6 @@ def measure_agent(args: argparse.Namespace, stack: dict[str, Path], work: Path) 
     finally:
         process.terminate()
         process.wait(30)
-        sock.close()
-        log.close()
     return {
         "rss_at_ready_mb": _mb(at_ready),
         "idle_rss_mb": _mb(idle),
@@ -363,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m agent.stacks.memory", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.tools.memory", description=__doc__.split("\n")[0])
     add_arguments(parser)
     parser.add_argument("--child", choices=("reduced", "whole"), help=argparse.SUPPRESS)
     return parser
