@@ -16,8 +16,6 @@ from pathlib import Path
 from agent.model.bundle import BundleError, load_bundle
 from agent.model.messages import encode
 from agent.model.pipeline import Pipeline
-from agent.stacks.errors import StackError
-from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 
 
@@ -65,12 +63,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline(bundle, args.instrument)
     failures = 0
     for stack_id, paths in sorted(stacks.items()):
-        missing = [c for c in CHANNELS if c not in paths]
-        if missing:
-            error = StackError("missing_channel", f"stack {stack_id!r} lacks channel(s) {', '.join(missing)}")
-            outcome = pipeline.failure(stack_id, paths, error, "failed")
-        else:
-            outcome = pipeline.analyse(stack_id, paths)
+        outcome = pipeline.analyse(stack_id, paths)  # a stack lacking a channel fails as missing_channel
         if outcome.kind == "result":
             sys.stdout.write(encode(outcome.document).decode() + "\n")
         else:

@@ -42,8 +42,6 @@ from agent.model.bundle import MANIFEST, BundleError, check_files, load_bundle, 
 from agent.model.messages import encode
 from agent.model.pipeline import Pipeline
 from agent.stacks.digest import file_sha256
-from agent.stacks.errors import StackError
-from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import KAGGLE_PATTERN, NamingScheme
 from agent.tools.collect import add_database_argument
 from agent.tools.predict import collect
@@ -121,12 +119,7 @@ def analyse_chunk(
     out = []
     for stack_id, names in stacks:
         paths = {channel: Path(name) for channel, name in names.items()}
-        missing = [c for c in CHANNELS if c not in paths]
-        if missing:
-            error = StackError("missing_channel", f"stack {stack_id!r} lacks channel(s) {', '.join(missing)}")
-            analysis = pipeline.failure(stack_id, paths, error, "failed")
-        else:
-            analysis = pipeline.analyse(stack_id, paths)
+        analysis = pipeline.analyse(stack_id, paths)  # a stack lacking a channel fails as missing_channel
         out.append(("results" if analysis.kind == "result" else "errors", encode(analysis.document)))
     return out
 
