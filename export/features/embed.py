@@ -27,6 +27,7 @@ before recipes existed) is `lite0-gap` v1. Memory stays bounded by one shard.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -66,20 +67,25 @@ class EmbedderFileError(ValueError):
 
 
 def cache_key(
-    spec: BackboneSpec,
+    spec: BackboneSpec | Mapping[str, Any],
     prep: Preprocessing,
     features: Recipe = feature_recipes.DEFAULT,
     dim: int = EMBEDDING_DIM,
+    embedder: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What a cache's vectors depend on; `dim` is the embedder's output, `features` the recipe's
-    manifest entry (its layout gives the stored vectors' width)."""
-    return {
+    """What a cache's vectors depend on; `spec` the backbone (or a converted embedder's
+    description of it), `dim` the embedder's output, `features` the recipe's manifest entry
+    (its layout gives the stored vectors' width), `embedder` the converted file by hash."""
+    key = {
         "format": CACHE_FORMAT,
-        "backbone": spec.identity(),
+        "backbone": spec.identity() if isinstance(spec, BackboneSpec) else dict(spec),
         "preprocessing": prep.to_dict(),
         "dim": dim,
         "features": features.entry(dim),
     }
+    if embedder is not None:
+        key["embedder"] = dict(embedder)
+    return key
 
 
 def with_recipe(key: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,7 +277,7 @@ def read_embedder(path: Path) -> tuple[bytes, dict[str, Any]]:
         raise EmbedderFileError(f"{path}: unreadable embedder or description: {exc}") from None
     if entry.get("format") != EMBEDDER_FORMAT or "sha256" not in entry:
         raise EmbedderFileError(f"{sidecar}: not a description written by 'hpa-edge convert'")
-    if file_sha256(path) != entry["sha256"]:
+    if hashlib.sha256(model).hexdigest() != entry["sha256"]:  # the bytes read, not the file again
         raise EmbedderFileError(f"{path}: sha256 differs from the one {sidecar.name} records (replaced?)")
     return model, entry
 
@@ -301,16 +307,8 @@ class DeployedEmbedder:
 
     def key(self) -> dict[str, Any]:
         """The cache key: the file's backbone and preprocessing, and the file itself by hash."""
-        dim = int(self.runtime.dim)
         embedder = {k: self.entry[k] for k in ("quantization", "sha256", "bytes", "calibration")}
-        return {
-            "format": CACHE_FORMAT,
-            "backbone": self.entry["backbone"],
-            "preprocessing": self.prep.to_dict(),
-            "dim": dim,
-            "features": self.features.entry(dim),
-            "embedder": embedder,
-        }
+        return cache_key(self.entry["backbone"], self.prep, self.features, int(self.runtime.dim), embedder)
 
 
 @dataclass
