@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,10 +14,12 @@ import pytest
 
 from agent.model import features
 from agent.model.features import (
+    HAND2_PARAMS,
     HAND_PARAMS,
     FeatureError,
     differences_of_gaussians,
     from_manifest,
+    hand2_features,
     hand_features,
     otsu,
     recipe,
@@ -245,3 +248,244 @@ def test_differences_of_gaussians_equal_two_opencv_blurs(size: int) -> None:
     for sigma, dog in zip(sigmas, found, strict=True):
         expected = cv2.GaussianBlur(green, (0, 0), sigma) - cv2.GaussianBlur(green, (0, 0), sigma * 1.6)
         np.testing.assert_allclose(dog, expected, rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------ hand-rgb2: the extra parts
+
+
+def reference_extra_values(image: np.ndarray, params: Mapping[str, Any] = HAND2_PARAMS) -> np.ndarray:
+    """What `hand-rgb2` v1 adds to `hand-rgb` v1, written the plain way (one boolean mask per
+    region, np.mean / np.median on the selected pixels, a loop over the connected nuclei): what
+    the tuned `extra_values` must equal."""
+    eps = float(params["eps"])
+    slots = params["slots"]
+    red, green, blue = (image[..., slots[c]].astype(np.float32) / 255 for c in ("red", "green", "blue"))
+    g8 = image[..., slots["green"]]
+    nucleus = otsu(cv2.GaussianBlur(blue, (0, 0), float(params["nucleus_blur"])))
+    cell = otsu(cv2.GaussianBlur(red + blue, (0, 0), float(params["cell_blur"]))) | nucleus
+    cytoplasm = cell & ~nucleus
+    k = int(params["rim_kernel"])
+    kernel = np.ones((k, k), np.uint8)
+    n8, c8 = nucleus.astype(np.uint8), cell.astype(np.uint8)
+    nuclear_rim = cv2.dilate(n8, kernel).astype(bool) & ~cv2.erode(n8, kernel).astype(bool)
+    cell_rim = cell & ~cv2.erode(c8, kernel).astype(bool)
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.astype(np.float64).mean()) if values.size else 0.0
+
+    cell_mean, nucleus_mean, cytoplasm_mean = (mean(green[m]) for m in (cell, nucleus, cytoplasm))
+    values: list[float] = []
+    # radial
+    reach = float(max(green.shape))  # the distance when there is no pixel on the other side
+    inside = cv2.distanceTransform(n8, cv2.DIST_L2, 3) if (~nucleus).any() else np.full_like(green, reach)
+    outside = cv2.distanceTransform(1 - n8, cv2.DIST_L2, 3) if nucleus.any() else np.full_like(green, reach)
+    inside, outside = np.minimum(inside, reach), np.minimum(outside, reach)
+    for region, distance, edges in (
+        (nucleus, inside, params["radial_inside"]),
+        (cytoplasm, outside, params["radial_outside"]),
+    ):
+        bounds = [0.0, *edges, np.inf]
+        for low, high in itertools.pairwise(bounds):
+            band = region & (distance > low) & (distance <= high)
+            values.append(mean(green[band]) / (cell_mean + eps))
+    signed = np.where(nucleus, -inside, outside)[cell].astype(np.float64)
+    weights = green[cell].astype(np.float64)
+    values.append(float(weights @ signed / weights.sum() - signed.mean()) if weights.sum() > 0 else 0.0)
+    # texture and granularity
+    sigma = float(params["texture_sigma"])
+    local_mean = cv2.GaussianBlur(green, (0, 0), sigma)
+    local_std = np.sqrt(np.maximum(cv2.GaussianBlur(green * green, (0, 0), sigma) - local_mean**2, 0))
+    gradient = np.hypot(cv2.Sobel(green, cv2.CV_32F, 1, 0), cv2.Sobel(green, cv2.CV_32F, 0, 1))
+    tops = [
+        green - cv2.morphologyEx(green, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (s, s)))
+        for s in params["openings"]
+    ]
+    for region, region_mean in ((nucleus, nucleus_mean), (cytoplasm, cytoplasm_mean)):
+        total = float(green[region].astype(np.float64).sum())
+        values += [
+            mean(local_std[region]) / (region_mean + eps),
+            mean(gradient[region]) / (region_mean + eps),
+        ]
+        values += [float(top[region].astype(np.float64).sum()) / (total + eps) for top in tops]
+    # nucleolus-like
+    holes = nucleus & (
+        blue < float(params["hole_ratio"]) * cv2.GaussianBlur(blue, (0, 0), float(params["hole_blur"]))
+    )
+    nucleus_green = float(green[nucleus].astype(np.float64).sum())
+    median8 = float(np.median(g8[nucleus])) if nucleus.any() else 0.0
+    bright = nucleus & (g8 > float(params["nuclear_bright"]) * median8)
+    values += [
+        float(holes.sum()) / max(int(nucleus.sum()), 1),
+        mean(green[holes]) / (nucleus_mean + eps),
+        float(green[holes].astype(np.float64).sum()) / (nucleus_green + eps),
+        _correlation(green[nucleus], blue[nucleus]),
+        _correlation(green[cytoplasm], red[cytoplasm]),
+        float(green[bright].astype(np.float64).sum()) / (nucleus_green + eps),
+    ]
+    # per connected nucleus
+    count, labels = cv2.connectedComponents(n8, connectivity=8)
+    means, spreads = [], []
+    for label in range(1, count):
+        inside_one = green[labels == label].astype(np.float64)
+        if inside_one.size >= int(params["min_nucleus"]):
+            means.append(inside_one.mean())
+            spreads.append(inside_one.std() / (inside_one.mean() + eps))
+    per = np.asarray(means)
+    values += [
+        len(means) / float(params["nucleus_count_scale"]),
+        float(per.std() / (per.mean() + eps)) if means else 0.0,
+        float(np.mean(spreads)) if means else 0.0,
+        float((per > float(params["bright_nucleus"]) * cytoplasm_mean).mean()) if means else 0.0,
+    ]
+    # levels and ratios
+    top = float(np.percentile(green, float(params["top_percentile"]))) + eps
+    values += [mean(green[m]) / top for m in (nucleus, cytoplasm, nuclear_rim, cell_rim, ~cell)]
+    values += [
+        float(np.log((nucleus_mean + eps) / (cytoplasm_mean + eps))),
+        float(np.log((mean(green[nuclear_rim]) + eps) / (nucleus_mean + eps))),
+        float(np.log((mean(green[cell_rim]) + eps) / (cytoplasm_mean + eps))),
+        float(np.log(cell_mean + eps)),
+    ]
+    return np.asarray(values, dtype=np.float32)
+
+
+def _assert_same_hand2(images: list[np.ndarray]) -> None:
+    for image in images:
+        found = hand2_features(image)
+        assert np.array_equal(found[:44], hand_features(image))  # v1's part, computed the same way
+        # float rounding (sums in another order, float64 against float32) and nothing more
+        np.testing.assert_allclose(found[44:], reference_extra_values(image), rtol=2e-4, atol=2e-5)
+
+
+def test_hand2_is_hand_rgb_v1_then_its_extra_parts_in_layout_order() -> None:
+    entry = recipe("hand-rgb2").entry(1280)
+    json.dumps(entry)
+    assert (entry["name"], entry["version"]) == ("hand-rgb2", 1)
+    assert entry["params"] == features._plain(HAND2_PARAMS)
+    assert (
+        entry["layout"][: len(recipe("hand-rgb").entry(1280)["layout"])]
+        == recipe("hand-rgb").entry(1280)["layout"]
+    )
+    assert [part["name"] for part in entry["layout"][-5:]] == [
+        "radial",
+        "texture",
+        "nucleolar",
+        "nuclei",
+        "ratios",
+    ]
+    assert recipe("hand-rgb2").width(1280) == 81
+    assert from_manifest(entry, 1280) is recipe("hand-rgb2", 1)
+    altered = {**entry, "params": {**entry["params"], "openings": [3, 7]}}
+    with pytest.raises(FeatureError, match=r"params .* differ"):
+        from_manifest(altered, 1280)
+    images = _images()
+    x = recipe("hand-rgb2")(images, np.zeros((2, 1280), np.float32))
+    assert x.shape == (2, 81)
+    assert np.isfinite(x).all()
+    assert np.array_equal(x, recipe("hand-rgb2")(images, np.zeros((2, 1280), np.float32)))  # deterministic
+    assert np.array_equal(x[:, :44], recipe("hand-rgb")(images, np.zeros((2, 1280), np.float32)))
+    both = recipe("lite0-gap+hand-rgb2")(images, np.ones((2, 1280), np.float32))
+    assert np.array_equal(both[:, 1280:], x)
+    assert (both[:, :1280] == 1).all()
+    recipe("hand-rgb2").check_slots(DEFAULT_SLOTS)
+    with pytest.raises(FeatureError, match="reads green from input slot 1"):
+        recipe("hand-rgb2").check_slots(parse_slots("red,green+yellow,blue"))
+
+
+def _part(image: np.ndarray, name: str) -> np.ndarray:
+    layout = recipe("hand-rgb2").layout(0)
+    found = next(part for part in layout if part["name"] == name)
+    return hand2_features(image)[found["start"] : found["start"] + found["length"]]
+
+
+def _disc(x: int, y: int, radius: int, width: int = -1) -> np.ndarray:
+    """A filled circle (or a ring of this width) on a 96 px plane, as a boolean mask."""
+    plane = np.zeros((96, 96), np.uint8)
+    cv2.circle(plane, (x, y), radius, 1, width)
+    return plane.astype(bool)
+
+
+def _cell() -> np.ndarray:
+    """One round nucleus (radius 12) in a round cell (radius 28), at 96 px, no green."""
+    image = np.zeros((96, 96, 3), np.uint8)
+    image[_disc(48, 48, 28), 0] = 160
+    image[_disc(48, 48, 12), 2] = 200
+    return image
+
+
+def test_hand2_radial_bands_see_green_at_the_nuclear_edge_and_far_out() -> None:
+    near, far = _cell(), _cell()
+    near[_disc(48, 48, 14), 1] = 150  # the nucleus and a ring just outside it
+    far[_disc(48, 48, 25, 4), 1] = 150  # a ring near the cell's edge
+    radial_near, radial_far = _part(near, "radial"), _part(far, "radial")
+    # bands: 3 inside the nucleus, then cytoplasm at <3, 3-8, 8-16, >16 px; then the signed distance
+    assert radial_near[3] > 0.5 > radial_near[5]
+    assert radial_far[6] > 1 > radial_far[3]
+    assert radial_far[0] == radial_far[1] == radial_far[2] == 0  # no green in the nucleus
+    assert radial_far[7] > 0 > radial_near[7]  # green outward of the cell's average distance, or inward
+
+
+def test_hand2_sees_green_in_a_nucleolus_the_blue_leaves_dim() -> None:
+    image = _cell()
+    image[_disc(48, 48, 4), 2] = 60  # a dim hole in the DNA stain
+    even = image.copy()
+    image[_disc(48, 48, 4), 1] = 200
+    even[_disc(48, 48, 12), 1] = 40
+    holes_area, hole_green, hole_share, with_blue, _, bright = _part(image, "nucleolar")
+    assert 0 < holes_area < 0.3
+    assert hole_green > 3
+    assert hole_share > 0.8
+    assert with_blue < 0
+    assert bright > 0.8
+    assert _part(even, "nucleolar")[1] < 1.5  # an evenly green nucleus: the hole is not brighter
+
+
+def test_hand2_counts_nuclei_and_sees_one_brighter_than_the_other() -> None:
+    image = np.zeros((96, 96, 3), np.uint8)
+    for x, level in ((24, 200), (72, 40)):
+        image[_disc(x, 48, 20), 0] = 160
+        image[_disc(x, 48, 20), 1] = 60  # the cytoplasm's green
+        image[_disc(x, 48, 10), 2] = 200
+        image[_disc(x, 48, 10), 1] = level
+    count, between, within, bright = _part(image, "nuclei")
+    assert count == pytest.approx(0.2)
+    assert between > 0.5
+    assert within < between / 2  # each nucleus evenly green but its blurred edge
+    assert bright == 0.5  # above 1.5 x the cytoplasm's green: the bright one only
+
+
+def test_hand2_ratios_hardly_move_when_the_exposure_halves() -> None:
+    image = _images(1, 224)[0]
+    dim = image.copy()
+    dim[..., 1] = (image[..., 1].astype(np.uint16) // 2).astype(np.uint8)
+    levels, dim_levels = _part(image, "ratios")[:5], _part(dim, "ratios")[:5]
+    np.testing.assert_allclose(dim_levels, levels, atol=0.03)
+    assert _part(dim, "ratios")[8] < _part(image, "ratios")[8] - 0.5  # the log mean does move
+
+
+def test_hand2_equals_the_plain_reference_on_synthetic_stacks_of_every_size() -> None:
+    from export.data.cells import paint_stack
+
+    rng = np.random.default_rng(6)
+    images = [
+        preprocess(paint_stack(rng, (i % 28, (5 * i) % 28), size=256, depth=8), Preprocessing(size=size))
+        for i, size in enumerate([32, 48, 64, 96, 224, 224, 224, 300, 512])
+    ]
+    edge = np.zeros((64, 64, 3), np.uint8)  # no cell, no green: every empty-region rule at once
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    noisy = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)  # hundreds of tiny "nuclei"
+    _assert_same_hand2([*images, edge, flat, noisy, _cell()])
+
+
+def test_hand2_equals_the_plain_reference_on_the_real_stacks(stack_source: Path) -> None:
+    prep = Preprocessing(size=224)
+    images = []
+    for green in sorted((stack_source / "stacks").glob("*_green.png")):
+        stem = green.name.removesuffix("_green.png")
+        channels = {
+            c: np.asarray(cv2.imread(str(green.with_name(f"{stem}_{c}.png")), cv2.IMREAD_UNCHANGED))
+            for c in ("red", "green", "blue", "yellow")
+        }
+        images.append(preprocess(channels, prep))
+    assert len(images) >= SOURCE_STACKS
+    _assert_same_hand2(images)

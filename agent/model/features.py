@@ -27,6 +27,13 @@ Registered recipes (a change to what one computes needs a new version, never an 
   The kind of `export/training/baseline.py`'s 45 features, without the yellow channel (the
   device's image holds the three input slots only).
 - `lite0-gap+hand-rgb` v1: the two above, concatenated (embedding first).
+- `hand-rgb2` v1: 81 numbers, `hand-rgb` v1's 44 then 37 more from the same masks (issue 15):
+  green per band of distance to the nucleus edge, texture and a granularity spectrum per
+  region, nucleolus-like dim-blue holes, per-nucleus statistics, exposure-robust levels and
+  ratios (see `hand2_layout`). Measured with `hpa-edge features-compare` on the 101 real
+  stacks (docs/training.md); tests/test_features.py keeps a plain version of the extra parts
+  and compares them, to float rounding.
+- `lite0-gap+hand-rgb2` v1: the embedding, then `hand-rgb2`.
 
 `nucleus_mask` and `region_pool` (a feature map averaged inside, outside a mask and their
 difference) are the building blocks of region-pooled backbone features; they are measured by
@@ -153,15 +160,41 @@ def hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) ->
     direct per-mask computation to float rounding: tests/test_features.py keeps that plain
     version and compares them on synthetic stacks of every size and on the 101 real ones.
     """
-    slots = params["slots"]
-    planes = cv2.split(image)
-    g8, r8, b8 = (planes[slots[c]] for c in ("green", "red", "blue"))
-    green, red, blue = (cv2.LUT(plane, _UNIT_TABLE) for plane in (g8, r8, b8))
-    nucleus = _otsu_unit(cv2.GaussianBlur(blue, (0, 0), float(params["nucleus_blur"])))
-    cell = _otsu_unit(cv2.GaussianBlur(cv2.add(red, blue), (0, 0), float(params["cell_blur"]))) | nucleus
-    codes = region_codes(nucleus, cell, int(params["rim_kernel"]))
-    # Pixels per (code, green value); float32 counts are exact below 2**24 pixels.
-    joint = cv2.calcHist([codes, g8], [0, 1], None, [16, 256], [0, 16, 0, 256]).astype(np.int64)
+    return np.asarray(_hand_values(_HandPlanes.of(image, params), params), dtype=np.float32)
+
+
+@dataclass
+class _HandPlanes:
+    """What `hand-rgb` v1 derives from an image before measuring, shared with `hand-rgb2`."""
+
+    g8: np.ndarray
+    r8: np.ndarray
+    b8: np.ndarray
+    green: np.ndarray  # float32 k / 255
+    blue: np.ndarray
+    nucleus: np.ndarray  # bool
+    cell: np.ndarray  # bool, holds the nucleus
+    joint: np.ndarray  # int64 16 x 256: pixels per (region code, green value)
+
+    @classmethod
+    def of(cls, image: np.ndarray, params: Mapping[str, Any]) -> _HandPlanes:
+        slots = params["slots"]
+        planes = cv2.split(image)
+        g8, r8, b8 = (planes[slots[c]] for c in ("green", "red", "blue"))
+        green, red, blue = (cv2.LUT(plane, _UNIT_TABLE) for plane in (g8, r8, b8))
+        # _otsu_unit overwrites the blur it is given, never the plane
+        nucleus = _otsu_unit(cv2.GaussianBlur(blue, (0, 0), float(params["nucleus_blur"])))
+        cell = _otsu_unit(cv2.GaussianBlur(cv2.add(red, blue), (0, 0), float(params["cell_blur"]))) | nucleus
+        codes = region_codes(nucleus, cell, int(params["rim_kernel"]))
+        # Pixels per (code, green value); float32 counts are exact below 2**24 pixels.
+        joint = cv2.calcHist([codes, g8], [0, 1], None, [16, 256], [0, 16, 0, 256]).astype(np.int64)
+        return cls(g8, r8, b8, green, blue, nucleus, cell, joint)
+
+
+def _hand_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
+    """`hand_features`' numbers from the shared planes."""
+    g8, r8, b8, green = planes.g8, planes.r8, planes.b8, planes.green
+    nucleus, cell, joint = planes.nucleus, planes.cell, planes.joint
     values = region_green(_REGION_CODES @ joint, joint.sum(axis=0), float(params["bright_sigmas"]))
     values += colocalisation(g8, (r8, b8), cell)
     values += blob_stats(
@@ -174,7 +207,7 @@ def hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) ->
     values += histogram_percentiles(joint.sum(axis=0), [float(q) for q in params["percentiles"]])
     pixels = float(joint.sum())
     values += [float(joint[_CODES & 1 > 0].sum()) / pixels, float(joint[_CODES & 2 > 0].sum()) / pixels]
-    return np.asarray(values, dtype=np.float32)
+    return values
 
 
 def _otsu_unit(blurred: np.ndarray) -> np.ndarray:
@@ -367,6 +400,216 @@ def histogram_percentiles(counts: np.ndarray, qs: Sequence[float]) -> list[float
     return [float(v) for v in a + (b - a) * (positions - low)]
 
 
+HAND2_EXTRA: dict[str, Any] = {
+    "radial_inside": [2.0, 5.0],
+    "radial_outside": [3.0, 8.0, 16.0],
+    "texture_sigma": 1.5,
+    "openings": [3, 7, 13],
+    "hole_blur": 4.0,
+    "hole_ratio": 0.8,
+    "nuclear_bright": 2.0,
+    "min_nucleus": 30,
+    "nucleus_count_scale": 10,
+    "bright_nucleus": 1.5,
+    "top_percentile": 99.9,
+    "eps": 1e-4,
+}
+HAND2_PARAMS: dict[str, Any] = {**HAND_PARAMS, **HAND2_EXTRA}
+
+
+def hand2_layout(params: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """`hand-rgb2`'s parts: `hand-rgb` v1's, then the ones `extra_values` adds."""
+    inner, outer = len(params["radial_inside"]) + 1, len(params["radial_outside"]) + 1
+    sizes = len(params["openings"])
+    return [
+        *hand_layout(params),
+        (
+            "radial",
+            inner + outer + 1,
+            f"green mean per band of distance to the nucleus edge ({inner} inside the nuclei, {outer} in "
+            "the cytoplasm; radial_inside / radial_outside px) over the cell's green mean; the "
+            "green-weighted mean signed distance (outward positive) minus the cell's",
+        ),
+        (
+            "texture",
+            2 * (2 + sizes),
+            "in nucleus then cytoplasm: local standard deviation (texture_sigma) and Sobel gradient "
+            "magnitude, each over the region's green mean; share of the region's green that a grey "
+            "opening of each size in openings removes",
+        ),
+        (
+            "nucleolar",
+            6,
+            "dim-blue holes in the nuclei (blue < hole_ratio x its hole_blur blur): share of nucleus "
+            "area, green mean over the nucleus's, share of the nucleus's green; correlation of green "
+            "with blue in the nuclei, with red in the cytoplasm; share of the nucleus's green above "
+            "nuclear_bright x its median",
+        ),
+        (
+            "nuclei",
+            4,
+            "connected nuclei of at least min_nucleus px: count / nucleus_count_scale, coefficient of "
+            "variation of their green means, mean within-nucleus coefficient of variation, share "
+            "brighter than bright_nucleus x the cytoplasm's green mean",
+        ),
+        (
+            "ratios",
+            9,
+            "green mean of nucleus, cytoplasm, nuclear rim, cell rim, background over green's "
+            "top_percentile; log ratios nucleus / cytoplasm, nuclear rim / nucleus, cell rim / "
+            "cytoplasm; log of the cell's green mean",
+        ),
+    ]
+
+
+def hand2_features(image: np.ndarray, params: Mapping[str, Any] = HAND2_PARAMS) -> np.ndarray:
+    """81 numbers (see `hand2_layout`): `hand_features`, then `extra_values`, from one set of masks."""
+    planes = _HandPlanes.of(image, params)
+    return np.asarray(_hand_values(planes, params) + extra_values(planes, params), dtype=np.float32)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def extra_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
+    """`hand-rgb2`'s 37 numbers beyond `hand-rgb` v1 (see `hand2_layout`).
+
+    Every mean and sum over a region comes from exact integer counts (joint histograms of a
+    region code and the green value, per-component sums of uint8 values) or from one OpenCV
+    masked mean, so they equal tests/test_features.py's plain version (one boolean mask per
+    region) to float rounding; the masks, distances, blurs and openings are the same
+    OpenCV calls there. An empty region's mean is 0.
+    """
+    eps = float(params["eps"])
+    g8, green, nucleus, cell, joint = planes.g8, planes.green, planes.nucleus, planes.cell, planes.joint
+    n8: np.ndarray = nucleus.view(np.uint8)
+    cytoplasm = cell & ~nucleus
+    y8: np.ndarray = cytoplasm.view(np.uint8)
+    hist = _REGION_CODES @ joint  # nucleus, cytoplasm, nuclear rim, cell rim, background x 256
+    counts, sums = hist.sum(axis=1), hist @ _UNIT64
+    means = sums / np.maximum(counts, 1)
+    nucleus_mean, cytoplasm_mean = float(means[0]), float(means[1])
+    in_cell = joint[_CODES & 2 > 0].sum(axis=0)
+    cell_mean = _ratio(float(in_cell @ _UNIT64), float(in_cell.sum()))
+
+    # radial: one band code per pixel, one joint histogram with green
+    inner, outer = params["radial_inside"], params["radial_outside"]
+    # (3 x 3 mask distances; capped at the image's size, the distance when no pixel is on the
+    # other side: an image all nucleus, or without one)
+    reach = float(max(green.shape))
+    inside = np.minimum(cv2.distanceTransform(n8, cv2.DIST_L2, 3), reach)
+    outside = np.minimum(cv2.distanceTransform(1 - n8, cv2.DIST_L2, 3), reach)
+    bands = len(inner) + 1 + len(outer) + 1
+    band = np.full(green.shape, bands, np.uint8)  # outside every band
+    inner_band = sum(((inside > edge).view(np.uint8) for edge in inner), np.zeros_like(band))
+    outer_band = sum(((outside > edge).view(np.uint8) for edge in outer), np.full_like(band, len(inner) + 1))
+    np.copyto(band, inner_band, where=nucleus)
+    np.copyto(band, outer_band, where=cytoplasm)
+    by_band = cv2.calcHist([band, g8], [0, 1], None, [bands, 256], [0, bands, 0, 256]).astype(np.int64)
+    band_means = (by_band @ _UNIT64) / np.maximum(by_band.sum(axis=1), 1)
+    radial = [float(m) / (cell_mean + eps) for m in band_means]
+    # signed distance, outward positive: each transform is 0 where the other one measures
+    signed = cv2.subtract(outside, inside)
+    c8: np.ndarray = cell.view(np.uint8)
+    weighted = cv2.mean(cv2.multiply(signed, green), c8)[0] / cell_mean if cell_mean > 0 else None
+    radial.append(weighted - cv2.mean(signed, c8)[0] if weighted is not None else 0.0)
+
+    # texture and granularity (the three tops in one masked mean per region: a third of the time)
+    sigma = float(params["texture_sigma"])
+    local_mean = cv2.GaussianBlur(green, (0, 0), sigma)
+    local_var = cv2.subtract(
+        cv2.GaussianBlur(cv2.multiply(green, green), (0, 0), sigma), cv2.multiply(local_mean, local_mean)
+    )
+    local_std = cv2.sqrt(np.maximum(local_var, 0, out=local_var))
+    gradient = cv2.magnitude(cv2.Sobel(green, cv2.CV_32F, 1, 0), cv2.Sobel(green, cv2.CV_32F, 0, 1))
+    tops = cv2.merge(
+        [cv2.subtract(g8, cv2.morphologyEx(g8, cv2.MORPH_OPEN, _ellipse(int(k)))) for k in params["openings"]]
+    )
+    texture = []
+    for mask, mean, count, total_green in (
+        (n8, nucleus_mean, counts[0], sums[0]),
+        (y8, cytoplasm_mean, counts[1], sums[1]),
+    ):
+        texture += [cv2.mean(plane, mask)[0] / (mean + eps) for plane in (local_std, gradient)]
+        texture += [
+            v * count / 255 / (total_green + eps) for v in cv2.mean(tops, mask)[: len(params["openings"])]
+        ]
+
+    # nucleolus-like: dim blue holes in the nuclei
+    blue = planes.blue
+    holes = (
+        blue < float(params["hole_ratio"]) * cv2.GaussianBlur(blue, (0, 0), float(params["hole_blur"]))
+    ) & nucleus
+    h8: np.ndarray = holes.view(np.uint8)
+    hole_count = cv2.countNonZero(h8)
+    hole_mean = cv2.mean(green, h8)[0] if hole_count else 0.0
+    row = hist[0]
+    median = _histogram_median8(row)
+    above = np.arange(256) > float(params["nuclear_bright"]) * median  # in uint8 units, exact
+    bright = float(row[above] @ _UNIT64[above])
+    nucleolar = [
+        hole_count / max(int(counts[0]), 1),
+        hole_mean / (nucleus_mean + eps),
+        hole_mean * hole_count / (float(sums[0]) + eps),
+        *colocalisation(g8, (planes.b8,), nucleus),
+        *colocalisation(g8, (planes.r8,), cytoplasm),
+        bright / (float(sums[0]) + eps),
+    ]
+
+    # per connected nucleus: a joint histogram of (component, green value) gives exact sums
+    found, labels = cv2.connectedComponents(n8, connectivity=8)
+    if found <= 256:  # the usual case: uint8 labels
+        joint_nuclei = cv2.calcHist(
+            [labels.astype(np.uint8), g8], [0, 1], None, [found, 256], [0, found, 0, 256]
+        ).astype(np.float64)
+        area, s1, s2 = joint_nuclei.sum(axis=1), joint_nuclei @ _LEVELS, joint_nuclei @ _LEVELS**2
+    else:
+        flat, values = labels.ravel(), g8.ravel().astype(np.float64)
+        area = np.bincount(flat, minlength=found).astype(np.float64)
+        s1 = np.bincount(flat, weights=values, minlength=found).astype(np.float64)
+        s2 = np.bincount(flat, weights=values * values, minlength=found).astype(np.float64)
+    kept = np.flatnonzero(area >= int(params["min_nucleus"]))
+    kept = kept[kept > 0]
+    per = s1[kept] / area[kept] / 255
+    spread = np.sqrt(np.maximum(area[kept] * s2[kept] - s1[kept] ** 2, 0)) / area[kept] / 255
+    nuclei = [
+        len(kept) / float(params["nucleus_count_scale"]),
+        float(per.std() / (per.mean() + eps)) if len(kept) else 0.0,
+        float(np.mean(spread / (per + eps))) if len(kept) else 0.0,
+        float((per > float(params["bright_nucleus"]) * cytoplasm_mean).mean()) if len(kept) else 0.0,
+    ]
+
+    # exposure-robust levels and ratios
+    top = histogram_percentiles(joint.sum(axis=0), [float(params["top_percentile"])])[0] + eps
+    ratios = [float(m) / top for m in means]
+    ratios += [
+        float(np.log((nucleus_mean + eps) / (cytoplasm_mean + eps))),
+        float(np.log((float(means[2]) + eps) / (nucleus_mean + eps))),
+        float(np.log((float(means[3]) + eps) / (cytoplasm_mean + eps))),
+        float(np.log(cell_mean + eps)),
+    ]
+    return radial + texture + nucleolar + nuclei + ratios
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+@functools.cache
+def _ellipse(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def _histogram_median8(counts: np.ndarray) -> float:
+    """np.median of the uint8 values a 256-bin histogram counts (0 when it counts none)."""
+    n = int(counts.sum())
+    if n == 0:
+        return 0.0
+    cumulative = np.cumsum(counts)
+    low, high = (int(np.searchsorted(cumulative, rank, side="right")) for rank in ((n - 1) // 2, n // 2))
+    return (low + high) / 2
+
+
 # ------------------------------------------------------------------ recipes
 
 Compute = Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray]
@@ -436,6 +679,24 @@ def _hand_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str
     return hand_layout(params)
 
 
+def _hand2(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    return np.stack([hand2_features(image, params) for image in images])
+
+
+def _hand2_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
+    return hand2_layout(params)
+
+
+def _gap_hand2(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    return np.concatenate(
+        [_embedding(images, embeddings, params), _hand2(images, embeddings, params)], axis=1
+    )
+
+
+def _gap_hand2_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
+    return _embedding_parts(params, dim) + hand2_layout(params)
+
+
 def _gap_hand(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     return np.concatenate([_embedding(images, embeddings, params), _hand(images, embeddings, params)], axis=1)
 
@@ -449,6 +710,10 @@ RECIPES: dict[tuple[str, int], Recipe] = {
     ("hand-rgb", 1): Recipe("hand-rgb", 1, _hand, _hand_parts, HAND_PARAMS, HAND_SLOTS),
     ("lite0-gap+hand-rgb", 1): Recipe(
         "lite0-gap+hand-rgb", 1, _gap_hand, _gap_hand_parts, HAND_PARAMS, HAND_SLOTS
+    ),
+    ("hand-rgb2", 1): Recipe("hand-rgb2", 1, _hand2, _hand2_parts, HAND2_PARAMS, HAND_SLOTS),
+    ("lite0-gap+hand-rgb2", 1): Recipe(
+        "lite0-gap+hand-rgb2", 1, _gap_hand2, _gap_hand2_parts, HAND2_PARAMS, HAND_SLOTS
     ),
 }
 DEFAULT = RECIPES[(DEFAULT_NAME, DEFAULT_VERSION)]

@@ -21,6 +21,9 @@ Candidates (the Lite0 backbone is the float Keras rebuild with the ImageNet weig
 - `rp3-last-512`: last map averaged in nucleus, cytoplasm and outside the cells (cell mask:
   Otsu on blurred red + yellow + blue) (3840);
 - combinations: `A+pca16(B)` concatenates A with 16 principal components of B fitted in-fold.
+- `hand-rgb2`: the agent's recipe `hand-rgb2` v1 (81: `hand-rgb` v1 and five more parts);
+  `hand-rgb+radial`, `+texture`, `+nucleolar+nuclei`, `+ratios`: `hand-rgb` with one or two of
+  them (`x-*`, sliced out of `hand-rgb2`); `hand-rgb2-extra-only`: the five parts alone (37).
 
 Feature matrices are cached in `--cache` (an npz) so a rerun only refits the forests.
 """
@@ -37,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.model.features import hand_features, nucleus_mask, otsu, region_pool
+from agent.model.features import (
+    HAND2_PARAMS,
+    hand2_features,
+    hand2_layout,
+    hand_features,
+    nucleus_mask,
+    otsu,
+    region_pool,
+)
 from agent.stacks.errors import StackError
 from agent.stacks.labels import LOCATIONS
 from agent.stacks.preprocess import BitDepth, Preprocessing, parse_slots, preprocess, to_uint8
@@ -50,6 +61,8 @@ from export.training.forests import ForestSettings, fit_forests, predict_scores
 BLOCK10 = "blocks.10.add"  # stage 5's last block: 112 channels at stride 16
 LAST = "bn1.relu6"  # the head: 1280 channels at stride 32, before the global pool
 
+# The parts `hand-rgb2` v1 adds to `hand-rgb` v1 (`agent.model.features.hand2_layout`)
+EXTRA_PARTS = ("x-radial", "x-texture", "x-nucleolar", "x-nuclei", "x-ratios")
 # Candidate sets: name -> (kept parts, parts reduced by PCA inside the folds)
 CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "gap224": (("gap224",), ()),
@@ -65,12 +78,20 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hand-rgb+pca16(rp-last-224)": (("hand-rgb",), ("rp-last-224",)),
     "hand45+pca16(rp-b10-512)": (("hand45",), ("rp-b10-512",)),
     "hand45+pca16(rp-last-512)": (("hand45",), ("rp-last-512",)),
+    # issue 15: richer hand features from the device's 224 px image (`extra_features`)
+    "hand-rgb+radial": (("hand-rgb", "x-radial"), ()),
+    "hand-rgb+texture": (("hand-rgb", "x-texture"), ()),
+    "hand-rgb+nucleolar+nuclei": (("hand-rgb", "x-nucleolar", "x-nuclei"), ()),
+    "hand-rgb+ratios": (("hand-rgb", "x-ratios"), ()),
+    "hand-rgb2": (("hand-rgb2",), ()),  # hand-rgb and all five parts above: the recipe `hand-rgb2` v1
+    "hand-rgb2-extra-only": (EXTRA_PARTS, ()),
 }
 COMPONENTS = 16
 HELD_OUT_DEFAULT = ["gap224", "hand45", "hand-rgb", "hand-rgb+gap224", "hand-rgb+pca16(gap224)"]
 
 
 PARTS_512 = ("rp-last-512", "rp-b10-512", "rp3-last-512")
+BACKBONE_PARTS = ("gap224", "gap224-green", "rp-last-224", *PARTS_512)
 
 
 def needed_parts(names: list[str]) -> set[str]:
@@ -85,9 +106,10 @@ def feature_parts(
     from export.features.backbones import LITE0_NORMALISATION, lite0_model, lite0_state, lite0_weights_path
 
     needed = needed_parts(list(CANDIDATES)) if needed is None else needed
+    backbone = bool(needed & set(BACKBONE_PARTS))  # the hand parts need no Keras
     sizes = (224, 512) if needed & set(PARTS_512) else (224,)
     models = {}
-    for size in sizes:
+    for size in sizes if backbone else ():
         import keras
 
         full = lite0_model(lite0_state(lite0_weights_path()), size, False, LITE0_NORMALISATION)
@@ -103,6 +125,9 @@ def feature_parts(
         parts.setdefault(name, []).append(np.asarray(row, dtype=np.float32))
 
     def flush() -> None:
+        if not backbone:
+            pending.clear()
+            return
         for size in sizes:
             images = np.stack([p[1][f"rgb{size}"] for p in pending]).astype(np.float32)
             block10, last = (np.asarray(m) for m in models[size].predict_on_batch(images))
@@ -134,6 +159,14 @@ def feature_parts(
         if "gap224-green" in needed:
             images["green224"] = preprocess(channels, green)
         add("hand-rgb", hand_features(images["rgb224"]))
+        if needed & {"hand-rgb2", *EXTRA_PARTS}:
+            row = hand2_features(images["rgb224"])
+            add("hand-rgb2", row)
+            start = 0
+            for name, length, _ in hand2_layout(HAND2_PARAMS):
+                if f"x-{name}" in EXTRA_PARTS:
+                    add(f"x-{name}", row[start : start + length])
+                start += length
         pending.append((_masks(channels), images))
         if len(pending) == batch:
             flush()
@@ -269,14 +302,19 @@ def held_out(
 def _load_or_compute(
     data: Path, labels: Path | None, cache: Path | None, needed: set[str]
 ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    cached: dict[str, np.ndarray] = {}
+    cached_ids: list[str] = []
     if cache and cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
-            parts = {k.removeprefix("part:"): stored[k] for k in stored.files if k.startswith("part:")}
-            if needed <= set(parts):
-                return stored["ids"].tolist(), stored["y"], parts
+            cached = {k.removeprefix("part:"): stored[k] for k in stored.files if k.startswith("part:")}
+            cached_ids = stored["ids"].tolist()
+            if needed <= set(cached):
+                return cached_ids, stored["y"], cached
     if labels is None:
         labels = data / "labels.csv" if (data / "labels.csv").is_file() else data / "train.csv"
-    ids, y, parts = feature_parts(Dataset(data, labels), needed)
+    ids, y, parts = feature_parts(Dataset(data, labels), needed - set(cached) if cached else needed)
+    if cached and ids == cached_ids:  # only the missing parts were computed: keep the others
+        parts = {**cached, **parts}
     if cache:
         arrays: dict[str, Any] = {f"part:{k}": v for k, v in parts.items()}
         np.savez(cache, ids=np.asarray(ids), y=y, **arrays)
