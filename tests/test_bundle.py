@@ -466,3 +466,38 @@ def test_the_agents_predict_gives_the_workstations_scores_with_a_recipe_bundle(
     for stack_id, image in images.items():
         floats = reference.classify(reference.embed(image))
         np.testing.assert_allclose(scores[stack_id], floats, atol=1e-4)
+
+
+def test_the_pipeline_computes_the_recipes_image_values_while_the_embedder_runs(
+    demo_bundle: Any, tmp_path: Path
+) -> None:
+    """Each side waits for the other to start: run one after the other, a wait times out."""
+    import dataclasses
+    import threading
+
+    from agent.model.pipeline import Pipeline
+    from tests.helpers import write_stack
+
+    recipe, embedder = demo_bundle.features, demo_bundle.embedder
+    per_image = recipe.per_image
+    assert per_image is not None
+    started = {"embedder": threading.Event(), "recipe": threading.Event()}
+
+    def values(image: np.ndarray, params: Any) -> np.ndarray:
+        started["recipe"].set()
+        assert started["embedder"].wait(10), "the embedder did not run beside the recipe"
+        return per_image(image, params)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        started["embedder"].set()
+        assert started["recipe"].wait(10), "the recipe did not run beside the embedder"
+        return embedder(images)
+
+    beside = dataclasses.replace(
+        demo_bundle, features=dataclasses.replace(recipe, per_image=values), embedder=embed
+    )
+    paths = write_stack(tmp_path, "s1", size=(96, 96))
+    got = Pipeline(beside, "test").analyse("s1", paths).document
+    expected = Pipeline(demo_bundle, "test").analyse("s1", paths).document
+    assert got["kind"] == "result"
+    assert (got["scores"], got["labels"]) == (expected["scores"], expected["labels"])

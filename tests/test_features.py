@@ -489,3 +489,15 @@ def test_hand2_equals_the_plain_reference_on_the_real_stacks(stack_source: Path)
         images.append(preprocess(channels, prep))
     assert len(images) >= SOURCE_STACKS
     _assert_same_hand2(images)
+
+
+def test_a_recipes_image_values_computed_apart_give_the_same_vector() -> None:
+    images = _images()
+    embeddings = np.random.default_rng(3).random((len(images), 1280), dtype=np.float32)
+    assert features.recipe("lite0-gap").image_part(images) is None
+    for name, version in features.RECIPES:
+        recipe = features.recipe(name, version)
+        apart = recipe.image_part(images)
+        whole = recipe(images, embeddings)
+        np.testing.assert_array_equal(recipe(images, embeddings, apart), whole, err_msg=name)
+        assert whole.shape == (len(images), recipe.width(1280)), name

@@ -99,9 +99,12 @@ class Bundle:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.classifier(self.feature_vectors(images, self.embedder(images)))
 
-    def feature_vectors(self, images: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
-        """The classifiers' input for preprocessed images and their embeddings: the recipe's one function."""
-        return self.features(images, embeddings)
+    def feature_vectors(
+        self, images: np.ndarray, embeddings: np.ndarray, image_part: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The classifiers' input for preprocessed images and their embeddings: the recipe's one
+        function (`image_part`: its values of the images alone, when already computed)."""
+        return self.features(images, embeddings, image_part)
 
     def labels_for(self, probabilities: np.ndarray) -> np.ndarray:
         """N x 28 booleans, by the bundle's thresholds (the rule itself: `agent.model.thresholds`)."""

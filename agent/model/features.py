@@ -612,36 +612,63 @@ def _histogram_median8(counts: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ recipes
 
-Compute = Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray]
-Layout = Callable[[Mapping[str, Any], int], list[tuple[str, int, str]]]
+ImageValues = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]  # (image S x S x 3, params) -> k
+ImageLayout = Callable[[Mapping[str, Any]], list[tuple[str, int, str]]]  # params -> [(name, length, what)]
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One named, versioned way of making the classifiers' input; call it on a batch."""
+    """One named, versioned way of making the classifiers' input: the embedder's output (when
+    `embedding`), then the values `per_image` computes from each preprocessed image alone.
+
+    Those values need no embedding, so the device computes them beside the embedder (LiteRT
+    releases the GIL): `image_part(images)` on one thread while the embedder runs, then
+    `recipe(images, embeddings, image_part=...)`. Called without `image_part`, the recipe
+    computes them itself: the same numbers either way.
+    """
 
     name: str
     version: int
-    compute: Compute  # (images N x S x S x 3 uint8, embeddings N x dim, params) -> N x F
-    parts: Layout  # (params, embedding dim) -> [(part name, length, what)]
+    embedding: bool  # the vector starts with the embedder's output
+    per_image: ImageValues | None = None
+    image_layout: ImageLayout | None = None  # the parts `per_image` gives, in order
     params: Mapping[str, Any] = field(default_factory=dict)
     needs_slots: Mapping[str, int] | None = None  # channels the recipe reads from given slots
 
-    def __call__(self, images: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.compute(images, embeddings, self.params), dtype=np.float32)
+    def image_part(self, images: np.ndarray) -> np.ndarray | None:
+        """N x k float32: the values of each image alone; None when the recipe has none."""
+        per_image = self.per_image
+        if per_image is None:
+            return None
+        return np.stack([np.asarray(per_image(image, self.params), np.float32) for image in images])
+
+    def __call__(
+        self, images: np.ndarray, embeddings: np.ndarray, image_part: np.ndarray | None = None
+    ) -> np.ndarray:
+        pieces = [np.asarray(embeddings, dtype=np.float32)] if self.embedding else []
+        values = (
+            image_part if image_part is not None and self.per_image is not None else self.image_part(images)
+        )
+        if values is not None:
+            pieces.append(values)
+        out = np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
         if out.ndim != 2 or len(out) != len(embeddings):
             raise FeatureError(f"recipe {self.name} v{self.version} gave shape {out.shape}")
         return out
 
+    def parts(self, embedding_dim: int) -> list[tuple[str, int, str]]:
+        found = [("embedding", embedding_dim, EMBEDDING_WHAT)] if self.embedding else []
+        return found + (self.image_layout(self.params) if self.image_layout is not None else [])
+
     def layout(self, embedding_dim: int) -> list[dict[str, Any]]:
         out, start = [], 0
-        for name, length, what in self.parts(self.params, embedding_dim):
+        for name, length, what in self.parts(embedding_dim):
             out.append({"name": name, "start": start, "length": length, "what": what})
             start += length
         return out
 
     def width(self, embedding_dim: int) -> int:
-        return sum(length for _, length, _ in self.parts(self.params, embedding_dim))
+        return sum(length for _, length, _ in self.parts(embedding_dim))
 
     def entry(self, embedding_dim: int) -> dict[str, Any]:
         """The manifest's (and the embedding cache key's) `features` entry."""
@@ -663,57 +690,17 @@ class Recipe:
                 )
 
 
-def _embedding(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-    return np.asarray(embeddings, dtype=np.float32)
-
-
-def _embedding_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
-    return [("embedding", dim, "the embedder's output: global average pool of the last feature map")]
-
-
-def _hand(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-    return np.stack([hand_features(image, params) for image in images])
-
-
-def _hand_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
-    return hand_layout(params)
-
-
-def _hand2(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-    return np.stack([hand2_features(image, params) for image in images])
-
-
-def _hand2_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
-    return hand2_layout(params)
-
-
-def _gap_hand2(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-    return np.concatenate(
-        [_embedding(images, embeddings, params), _hand2(images, embeddings, params)], axis=1
-    )
-
-
-def _gap_hand2_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
-    return _embedding_parts(params, dim) + hand2_layout(params)
-
-
-def _gap_hand(images: np.ndarray, embeddings: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-    return np.concatenate([_embedding(images, embeddings, params), _hand(images, embeddings, params)], axis=1)
-
-
-def _gap_hand_parts(params: Mapping[str, Any], dim: int) -> list[tuple[str, int, str]]:
-    return _embedding_parts(params, dim) + hand_layout(params)
-
+EMBEDDING_WHAT = "the embedder's output: global average pool of the last feature map"
 
 RECIPES: dict[tuple[str, int], Recipe] = {
-    ("lite0-gap", 1): Recipe("lite0-gap", 1, _embedding, _embedding_parts),
-    ("hand-rgb", 1): Recipe("hand-rgb", 1, _hand, _hand_parts, HAND_PARAMS, HAND_SLOTS),
+    ("lite0-gap", 1): Recipe("lite0-gap", 1, embedding=True),
+    ("hand-rgb", 1): Recipe("hand-rgb", 1, False, hand_features, hand_layout, HAND_PARAMS, HAND_SLOTS),
     ("lite0-gap+hand-rgb", 1): Recipe(
-        "lite0-gap+hand-rgb", 1, _gap_hand, _gap_hand_parts, HAND_PARAMS, HAND_SLOTS
+        "lite0-gap+hand-rgb", 1, True, hand_features, hand_layout, HAND_PARAMS, HAND_SLOTS
     ),
-    ("hand-rgb2", 1): Recipe("hand-rgb2", 1, _hand2, _hand2_parts, HAND2_PARAMS, HAND_SLOTS),
+    ("hand-rgb2", 1): Recipe("hand-rgb2", 1, False, hand2_features, hand2_layout, HAND2_PARAMS, HAND_SLOTS),
     ("lite0-gap+hand-rgb2", 1): Recipe(
-        "lite0-gap+hand-rgb2", 1, _gap_hand2, _gap_hand2_parts, HAND2_PARAMS, HAND_SLOTS
+        "lite0-gap+hand-rgb2", 1, True, hand2_features, hand2_layout, HAND2_PARAMS, HAND_SLOTS
     ),
 }
 DEFAULT = RECIPES[(DEFAULT_NAME, DEFAULT_VERSION)]

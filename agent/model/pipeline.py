@@ -16,8 +16,10 @@ full-resolution channel per reading thread, and the reading threads share a memo
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +119,13 @@ class Pipeline:
         stack_id = stack.stack_id
         images = ready.image[None]
         # The bundle's feature recipe (`agent.model.features`) turns the embedding into the
-        # classifiers' input; its time counts as embedding.
-        embedding = self.bundle.feature_vectors(images, self.bundle.embedder(images))
+        # classifiers' input; its time counts as embedding. Its values of the image alone are
+        # computed on another thread while the embedder runs (both release the GIL).
+        recipe = self.bundle.features
+        beside = _recipe_pool().submit(recipe.image_part, images) if recipe.per_image is not None else None
+        embeddings = self.bundle.embedder(images)
+        image_part = None if beside is None else beside.result()
+        embedding = self.bundle.feature_vectors(images, embeddings, image_part)
         embedded = time.perf_counter()
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]
@@ -189,6 +196,19 @@ class Pipeline:
             files=messages.files_entry({c: Path(p).name for c, p in paths.items()}, sha256),
         )
         return Analysis(stack_id, kind, fingerprint, document, dict(paths), started or time.perf_counter())
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _recipe_pool() -> ThreadPoolExecutor:
+    """One thread for the recipe's image values, beside the embedder's own threads."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipe")
+        return _pool
 
 
 def _hash_or_blank(path: Path) -> str:
