@@ -501,3 +501,32 @@ def test_the_pipeline_computes_the_recipes_image_values_while_the_embedder_runs(
     expected = Pipeline(demo_bundle, "test").analyse("s1", paths).document
     assert got["kind"] == "result"
     assert (got["scores"], got["labels"]) == (expected["scores"], expected["labels"])
+
+
+def test_a_recipe_of_the_image_alone_does_not_run_the_embedder(demo_bundle: Any, tmp_path: Path) -> None:
+    import dataclasses
+
+    from agent.model import features
+    from agent.model.pipeline import Pipeline
+    from agent.model.review import Trust
+    from tests.helpers import write_stack
+
+    seen: list[np.ndarray] = []
+
+    def embedder(images: np.ndarray) -> np.ndarray:
+        raise AssertionError("the embedder ran for a recipe that does not use it")
+
+    def classifier(vectors: np.ndarray) -> np.ndarray:
+        seen.append(vectors)
+        return np.full((len(vectors), len(LOCATIONS)), 0.9, np.float32)
+
+    hand = features.recipe("hand-rgb")
+    bundle = dataclasses.replace(
+        demo_bundle, features=hand, embedder=embedder, classifier=classifier, trust=Trust()
+    )
+    paths = write_stack(tmp_path, "s1", size=(96, 96))
+    document = Pipeline(bundle, "test").analyse("s1", paths).document
+    assert document["kind"] == "result"
+    (vectors,) = seen
+    image = Pipeline(bundle, "test").prepare("s1", paths).image[None]  # type: ignore[union-attr]
+    np.testing.assert_array_equal(vectors, hand(image, np.zeros((1, 0), np.float32)))

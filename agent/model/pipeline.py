@@ -121,11 +121,18 @@ class Pipeline:
         # The bundle's feature recipe (`agent.model.features`) turns the embedding into the
         # classifiers' input; its time counts as embedding. Its values of the image alone are
         # computed on another thread while the embedder runs (both release the GIL).
+        # A recipe of the image alone leaves the embedder out (its output would go unused; the
+        # golden check at start still runs it).
         recipe = self.bundle.features
-        beside = _recipe_pool().submit(recipe.image_part, images) if recipe.per_image is not None else None
-        embeddings = self.bundle.embedder(images)
-        image_part = None if beside is None else beside.result()
-        embedding = self.bundle.feature_vectors(images, embeddings, image_part)
+        if not recipe.embedding:
+            embedding = self.bundle.feature_vectors(images, np.zeros((len(images), 0), np.float32))
+        else:
+            beside = (
+                _recipe_pool().submit(recipe.image_part, images) if recipe.per_image is not None else None
+            )
+            embeddings = self.bundle.embedder(images)
+            image_part = None if beside is None else beside.result()
+            embedding = self.bundle.feature_vectors(images, embeddings, image_part)
         embedded = time.perf_counter()
         probabilities = self.bundle.classifier(embedding)[0]
         labels = self.bundle.labels_for(probabilities[None])[0]
