@@ -23,7 +23,8 @@ Candidates (the Lite0 backbone is the float Keras rebuild with the ImageNet weig
 - combinations: `A+pca16(B)` concatenates A with 16 principal components of B fitted in-fold.
 - `hand-rgb2`: the agent's recipe `hand-rgb2` v1 (81: `hand-rgb` v1 and five more parts);
   `hand-rgb+radial`, `+texture`, `+nucleolar+nuclei`, `+ratios`: `hand-rgb` with one or two of
-  them (`x-*`, sliced out of `hand-rgb2`); `hand-rgb2-extra-only`: the five parts alone (37).
+  them (`x-*`, sliced out of `hand-rgb2`); `hand-rgb2-extra-only`: the five parts alone (37);
+  `hand-rgb2+gap224`: the columns of `lite0-gap+hand-rgb2` v1, hand part first (1361).
 
 Feature matrices are cached in `--cache` (an npz) so a rerun only refits the forests.
 """
@@ -85,6 +86,7 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hand-rgb+ratios": (("hand-rgb", "x-ratios"), ()),
     "hand-rgb2": (("hand-rgb2",), ()),  # hand-rgb and all five parts above: the recipe `hand-rgb2` v1
     "hand-rgb2-extra-only": (EXTRA_PARTS, ()),
+    "hand-rgb2+gap224": (("hand-rgb2", "gap224"), ()),  # `lite0-gap+hand-rgb2` v1, hand part first
 }
 COMPONENTS = 16
 HELD_OUT_DEFAULT = ["gap224", "hand45", "hand-rgb", "hand-rgb+gap224", "hand-rgb+pca16(gap224)"]
