@@ -72,7 +72,7 @@ demo-bundle: $(STAMP)
 	$(VENV)/bin/hpa-edge synth --out $(DEMO_WORK)/data --n 1500 --seed 7 --quiet
 	$(VENV)/bin/hpa-edge convert --data $(DEMO_WORK)/data --out $(DEMO_WORK)/embedder.tflite
 	$(VENV)/bin/hpa-edge embed --data $(DEMO_WORK)/data --embedder $(DEMO_WORK)/embedder.tflite \
-		--out $(DEMO_WORK)/cache --features lite0-gap+hand-rgb --quiet
+		--out $(DEMO_WORK)/cache --features hand-rgb2 --quiet
 	$(VENV)/bin/hpa-edge train --embeddings $(DEMO_WORK)/cache --labels $(DEMO_WORK)/data/train.csv \
 		--out $(DEMO_WORK)/model --name "synthetic demo (1,500 stacks, seed 7)"
 	$(VENV)/bin/hpa-edge export --model $(DEMO_WORK)/model --data $(DEMO_WORK)/data --out models/demo.new \

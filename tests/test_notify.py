@@ -161,16 +161,16 @@ def test_a_hung_worker_stops_the_watchdog_pings(
 
     release = threading.Event()
     entered = threading.Event()
-    real_embedder = demo_bundle.embedder
+    real_classifier = demo_bundle.classifier  # every stack's inference calls it
 
-    class HangingEmbedder:
+    class HangingClassifier:
         def __getattr__(self, name: str) -> object:
-            return getattr(real_embedder, name)
+            return getattr(real_classifier, name)
 
-        def __call__(self, images: np.ndarray) -> np.ndarray:
+        def __call__(self, vectors: np.ndarray) -> np.ndarray:
             entered.set()
             release.wait(30)
-            return real_embedder(images)
+            return real_classifier(vectors)
 
     config = config_for(tmp_path, broker.port)
     notifier = Notifier(environ={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "800000"})
@@ -180,7 +180,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(
     loop.start()
     try:
         assert notify_socket.wait_for("WATCHDOG=1", 5)
-        demo_bundle.embedder = HangingEmbedder()
+        demo_bundle.classifier = HangingClassifier()
         drop(stack_files(stack_source, 50), config.watch.folder, "hang")
         assert entered.wait(20)
         time.sleep(0.6)  # the loop's last turn is now older than half the interval
@@ -193,7 +193,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(
         assert len(notify_socket.with_line("WATCHDOG=1")) > count
     finally:
         release.set()
-        demo_bundle.embedder = real_embedder
+        demo_bundle.classifier = real_classifier
         agent.request_stop()
         loop.join(20)
         agent.close(flush_seconds=1)
