@@ -16,10 +16,8 @@ full-resolution channel per reading thread, and the reading threads share a memo
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.digest import file_sha256, stack_fingerprint
 from agent.stacks.errors import StackError
 from agent.stacks.image import Limits
+from agent.stacks.pools import pool
 from agent.stacks.preprocess import Preprocessing
 from agent.stacks.stack import Reduced, read_reduced
 
@@ -128,7 +127,7 @@ class Pipeline:
             embedding = self.bundle.feature_vectors(images, np.zeros((len(images), 0), np.float32))
         else:
             beside = (
-                _recipe_pool().submit(recipe.image_part, images) if recipe.per_image is not None else None
+                pool("recipe", 1).submit(recipe.image_part, images) if recipe.per_image is not None else None
             )
             embeddings = self.bundle.embedder(images)
             image_part = None if beside is None else beside.result()
@@ -203,19 +202,6 @@ class Pipeline:
             files=messages.files_entry({c: Path(p).name for c, p in paths.items()}, sha256),
         )
         return Analysis(stack_id, kind, fingerprint, document, dict(paths), started or time.perf_counter())
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _recipe_pool() -> ThreadPoolExecutor:
-    """One thread for the recipe's image values, beside the embedder's own threads."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipe")
-        return _pool
 
 
 def _hash_or_blank(path: Path) -> str:

@@ -26,9 +26,8 @@ import hashlib
 import os
 import re
 import struct
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import cv2
 import numpy as np
 
 from agent.stacks.errors import StackError
+from agent.stacks.pools import pool
 
 # Decoded samples per channel file (width x height x colour planes): a 16-bit 6000 x 6000
 # channel is 72 MB. Channels are decoded one at a time, so this bounds one channel's memory.
@@ -76,8 +76,6 @@ RAW_TIFF = os.environ.get("HPA_EDGE_RAW_TIFF", "1") != "0"
 # 16-bit channel: 6-7 ms of sha256 beside 20-30 ms of inflating); smaller ones are not worth it.
 HASH_BESIDE_BYTES = 1 << 20
 HASH_THREADS = 2  # one per decode thread of the agent
-_hash_pool: ThreadPoolExecutor | None = None
-_hash_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ class ChannelFile:
         if from_fd and self.size >= HASH_BESIDE_BYTES:
             # The file hashed on another thread while OpenCV decodes it (both release the GIL;
             # the hash reads the file through its own offsets, a chunk at a time).
-            hashing = _hasher().submit(_hash_fd, handle.fileno())
+            hashing = pool("sha256", HASH_THREADS).submit(_hash_fd, handle.fileno())
         elif from_fd:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(chunk)
@@ -220,14 +218,6 @@ def _hash_fd(fd: int) -> str:
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _hash_pool
-    with _hash_lock:
-        if _hash_pool is None:
-            _hash_pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256")
-        return _hash_pool
 
 
 def decode_cost(header: Header, size: int) -> int:

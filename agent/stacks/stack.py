@@ -13,7 +13,6 @@ import ctypes.util
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from agent.stacks.errors import StackError
 from agent.stacks.image import Channel, ChannelFile, Limits, open_channel, read_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.naming import NamingScheme
+from agent.stacks.pools import pool
 from agent.stacks.preprocess import Preprocessing, Reducer
 
 
@@ -126,7 +126,9 @@ def read_reduced(
     turns = _Turns(len(CHANNELS))
     began = time.perf_counter()
     tasks = [
-        _channel_pool().submit(_read_channel, i, Path(paths[name]), limits, budget, reducer, turns)
+        pool("channel", CHANNEL_THREADS).submit(
+            _read_channel, i, Path(paths[name]), limits, budget, reducer, turns
+        )
         for i, name in enumerate(CHANNELS)
     ]
     reads = [task.result() for task in tasks]
@@ -169,16 +171,6 @@ def read_reduced(
 
 # Channels of a stack read at once (two cores: the agent's decode and model threads share them).
 CHANNEL_THREADS = 2
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _channel_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=CHANNEL_THREADS, thread_name_prefix="channel")
-        return _pool
 
 
 @dataclass(frozen=True)

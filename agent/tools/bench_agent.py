@@ -144,7 +144,8 @@ def unit_environment(unit: Path = UNIT) -> dict[str, str]:
     return found
 
 
-def _status_kb(pid: int, field: str) -> int | None:
+def status_kb(pid: int | str, field: str) -> int | None:
+    """A /proc/PID/status figure in kB (VmRSS, VmHWM), or None; `pid` may be "self"."""
     status = read_text(f"/proc/{pid}/status") or ""
     found = [int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")]
     return found[0] if found else None
@@ -167,14 +168,14 @@ def startup(
     process = start_agent(config, folder, ready_within=30)
     ready = time.perf_counter() - start
     try:
-        at_ready = _status_kb(process.pid, "VmRSS")
+        at_ready = status_kb(process.pid, "VmRSS")
         for staged, target in moves:
             os.rename(staged, target)
         deadline = time.perf_counter() + 300
         while len(list((incoming / "done").glob("*"))) < len(moves) and time.perf_counter() < deadline:
             time.sleep(0.1)
-        peak = _status_kb(process.pid, "VmHWM")
-        now = _status_kb(process.pid, "VmRSS")
+        peak = status_kb(process.pid, "VmHWM")
+        now = status_kb(process.pid, "VmRSS")
     finally:
         process.terminate()
         process.wait(30)

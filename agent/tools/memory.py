@@ -46,7 +46,7 @@ from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.image import open_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.stack import find_stacks
-from agent.tools.bench_agent import start_agent
+from agent.tools.bench_agent import start_agent, status_kb
 
 MB = 1024 * 1024
 
@@ -121,15 +121,6 @@ def first_stack(folder: Path) -> tuple[str, dict[str, Path]]:
 
 
 # Process memory ---------------------------------------------------------------------
-def status_kb(pid: int | str, field: str) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    found = [int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{field}:")]
-    return found[0] if found else None
-
-
 def reset_peak(pid: int | str) -> bool:
     """Set VmHWM back to VmRSS (Linux >= 4.0, own processes); False where not allowed."""
     try:
