@@ -240,9 +240,10 @@ class Reducer:
         with self._lock:
             peak = self._peak
             if auto and not self._known:
-                peak = self.peak_of(pixels) if seen is None else seen
-                peak = max(self._peak or 0, peak) if seen is None else peak
-                self._peak = max(self._peak or 0, peak)
+                if seen is None:  # in channel order: this channel and the ones added before it
+                    seen = max(self._peak or 0, self.peak_of(pixels))
+                peak = seen
+                self._peak = max(self._peak or 0, seen)
         if name not in self.needed:
             return
         bits: int | None = None
