@@ -44,11 +44,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
+
+from agent.stacks.pools import pool
 
 DEFAULT_NAME = "lite0-gap"
 DEFAULT_VERSION = 1
@@ -153,14 +156,15 @@ def hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) ->
     """44 numbers (see `hand_layout`) for one preprocessed stack, uint8 S x S x 3.
 
     Written for the device's per-stack budget (the recipe may add 3 ms at 224 px). The masks
-    are OpenCV's, bit for bit (a pixel flipped there would move every region's figures); the
-    differences of Gaussians equal OpenCV's two blurs to float32 rounding (the wide ones go
-    through a DFT, see DFT_REACH); what is measured on them comes from one joint histogram of
+    and the differences of Gaussians are OpenCV's, bit for bit (a pixel flipped there would
+    move every region's figures); what is measured on them comes from one joint histogram of
     (region code, green value), exact integer sums and partial sorts. So the numbers equal a
     direct per-mask computation to float rounding: tests/test_features.py keeps that plain
     version and compares them on synthetic stacks of every size and on the 101 real ones.
     """
-    return np.asarray(_hand_values(_HandPlanes.of(image, params), params), dtype=np.float32)
+    planes = _HandPlanes.of(image, params)
+    blobs = _blobs_beside(planes, params)
+    return np.asarray(_hand_values(planes, params, blobs.result()), dtype=np.float32)
 
 
 @dataclass
@@ -191,19 +195,30 @@ class _HandPlanes:
         return cls(g8, r8, b8, green, blue, nucleus, cell, joint)
 
 
-def _hand_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
-    """`hand_features`' numbers from the shared planes."""
-    g8, r8, b8, green = planes.g8, planes.r8, planes.b8, planes.green
-    nucleus, cell, joint = planes.nucleus, planes.cell, planes.joint
-    values = region_green(_REGION_CODES @ joint, joint.sum(axis=0), float(params["bright_sigmas"]))
-    values += colocalisation(g8, (r8, b8), cell)
-    values += blob_stats(
-        green,
-        (nucleus, cell & ~nucleus),
+def _blobs_beside(planes: _HandPlanes, params: Mapping[str, Any]) -> Future[list[float]]:
+    """`blob_stats` on the `recipe-blobs` thread while the caller measures the rest.
+
+    The eight blurs are the recipe's largest single cost, and OpenCV (like numpy's partial
+    sorts) releases the GIL: on the 2-core test machine the recipe takes 0.67x its time on one
+    thread (docs/benchmark.md). Two workers, so two stacks in flight never queue behind each
+    other.
+    """
+    return pool("recipe-blobs", 2).submit(
+        blob_stats,
+        planes.green,
+        (planes.nucleus, planes.cell & ~planes.nucleus),
         [float(s) for s in params["dog_sigmas"]],
         float(params["dog_ratio"]),
         float(params["dog_level"]),
     )
+
+
+def _hand_values(planes: _HandPlanes, params: Mapping[str, Any], blobs: list[float]) -> list[float]:
+    """`hand_features`' numbers from the shared planes and `blob_stats`' (see `_blobs_beside`)."""
+    g8, r8, b8, joint = planes.g8, planes.r8, planes.b8, planes.joint
+    values = region_green(_REGION_CODES @ joint, joint.sum(axis=0), float(params["bright_sigmas"]))
+    values += colocalisation(g8, (r8, b8), planes.cell)
+    values += blobs
     values += histogram_percentiles(joint.sum(axis=0), [float(q) for q in params["percentiles"]])
     pixels = float(joint.sum())
     values += [float(joint[_CODES & 1 > 0].sum()) / pixels, float(joint[_CODES & 2 > 0].sum()) / pixels]
@@ -279,15 +294,6 @@ def colocalisation(green: np.ndarray, others: Sequence[np.ndarray], mask: np.nda
     ]
 
 
-# A difference of Gaussians whose wider blur reaches further than this many pixels goes through
-# one DFT of the image shared by all such pairs (a cost that does not grow with the kernel)
-# instead of two direct separable blurs (a cost proportional to the kernels' widths). At 224 px
-# on the shared 2-core test machine the four default pairs took 3.2 ms all direct, 2.5 ms with
-# the 6.0 / 9.6 pair (reach 39) by DFT, 1.6 ms with the three from 1.5 / 2.4 (reach 10) on,
-# 1.8 ms all by DFT.
-DFT_REACH = 8
-
-
 def blob_stats(
     green: np.ndarray, regions: Sequence[np.ndarray], sigmas: Sequence[float], ratio: float, level: float
 ) -> list[float]:
@@ -307,75 +313,16 @@ def blob_stats(
 def differences_of_gaussians(green: np.ndarray, sigmas: Sequence[float], ratio: float) -> np.ndarray:
     """float32 len(sigmas) x H x W: GaussianBlur(sigma) - GaussianBlur(sigma * ratio) per sigma.
 
-    Equal, up to float32 rounding, to the two cv2.GaussianBlur calls with their default
-    reflected border; the wide pairs (see DFT_REACH) are one multiplication each in the
-    frequency domain of the image padded by the same reflection.
+    Two direct separable blurs per pair. (Until 2026-12-04 the wide pairs went through one
+    shared DFT, equal to float32 rounding; on the 2-core AMD test machine the eight direct blurs
+    take 0.71x that time at 224 px, see docs/benchmark.md.)
     """
-    h, w = green.shape
-    out = np.empty((len(sigmas), h, w), np.float32)
-    wide = [i for i, sigma in enumerate(sigmas) if _reach(sigma * ratio) > DFT_REACH]
+    out = np.empty((len(sigmas), *green.shape), np.float32)
     for i, sigma in enumerate(sigmas):
-        if i not in wide:
-            np.subtract(
-                cv2.GaussianBlur(green, (0, 0), sigma),
-                cv2.GaussianBlur(green, (0, 0), sigma * ratio),
-                out=out[i],
-            )
-    if wide:
-        reach = max(_reach(sigmas[i] * ratio) for i in wide)
-        rows, cols = cv2.getOptimalDFTSize(h + 2 * reach), cv2.getOptimalDFTSize(w + 2 * reach)
-        padded = cv2.copyMakeBorder(
-            green, reach, rows - h - reach, reach, cols - w - reach, cv2.BORDER_REFLECT_101
+        np.subtract(
+            cv2.GaussianBlur(green, (0, 0), sigma), cv2.GaussianBlur(green, (0, 0), sigma * ratio), out=out[i]
         )
-        spectrum = cv2.dft(padded, nonzeroRows=h + 2 * reach)
-        product = np.empty_like(spectrum)
-        for i in wide:
-            np.multiply(spectrum, _dog_gain(rows, cols, sigmas[i], ratio), out=product)
-            # Only the rows down to the image's last are transformed back.
-            filtered = cv2.idft(product, flags=cv2.DFT_REAL_OUTPUT, nonzeroRows=reach + h)
-            out[i] = filtered[reach : reach + h, reach : reach + w]
     return out
-
-
-@functools.cache
-def _blur_kernel(sigma: float) -> np.ndarray:
-    """The 2-D kernel cv2.GaussianBlur(float32 image, (0, 0), sigma) applies: its impulse response.
-
-    Read from OpenCV rather than rebuilt, so its size rule (about 4 sigma each side for float
-    images) and its rounding are OpenCV's own.
-    """
-    reach = int(np.ceil(5 * sigma)) + 2
-    impulse = np.zeros((2 * reach + 1, 2 * reach + 1), np.float32)
-    impulse[reach, reach] = 1
-    response = cv2.GaussianBlur(impulse, (0, 0), sigma).astype(np.float64)
-    used = np.flatnonzero(response[reach])
-    return response[used[0] : used[-1] + 1, used[0] : used[-1] + 1]
-
-
-def _reach(sigma: float) -> int:
-    return int(_blur_kernel(sigma).shape[0]) // 2
-
-
-@functools.cache
-def _dog_gain(rows: int, cols: int, sigma: float, ratio: float) -> np.ndarray:
-    """What to multiply cv2.dft's packed spectrum of a rows x cols image by, element by element,
-    to filter it with one difference-of-Gaussians kernel and scale it for the inverse transform.
-
-    The kernel is symmetric and centred on the origin, so its spectrum is real: each value
-    multiplies both the real and the imaginary slot of its frequency in the packed layout, which
-    mulSpectrums of an all-ones packed array with the kernel's spectrum writes out (an element
-    by element product then costs a fifth of a mulSpectrums).
-    """
-    narrow, wide = _blur_kernel(sigma), _blur_kernel(sigma * ratio)
-    kernel = -wide
-    edge = (len(wide) - len(narrow)) // 2
-    kernel[edge : edge + len(narrow), edge : edge + len(narrow)] += narrow
-    offsets = np.arange(len(kernel)) - len(kernel) // 2
-    placed = np.zeros((rows, cols))
-    placed[np.ix_(offsets % rows, offsets % cols)] = kernel / (rows * cols)
-    spectrum = cv2.dft(placed)
-    gain: np.ndarray = cv2.mulSpectrums(np.ones_like(spectrum), spectrum, 0).astype(np.float32)
-    return gain
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -465,7 +412,9 @@ def hand2_layout(params: Mapping[str, Any]) -> list[tuple[str, int, str]]:
 def hand2_features(image: np.ndarray, params: Mapping[str, Any] = HAND2_PARAMS) -> np.ndarray:
     """81 numbers (see `hand2_layout`): `hand_features`, then `extra_values`, from one set of masks."""
     planes = _HandPlanes.of(image, params)
-    return np.asarray(_hand_values(planes, params) + extra_values(planes, params), dtype=np.float32)
+    blobs = _blobs_beside(planes, params)
+    extra = extra_values(planes, params)
+    return np.asarray(_hand_values(planes, params, blobs.result()) + extra, dtype=np.float32)
 
 
 def _ratio(a: float, b: float) -> float:
