@@ -82,7 +82,14 @@ def test_bench_burst_startup_and_broker_round_trip(tmp_path: Path, stack_source:
     assert summary["burst"]["stacks"] == 40
     assert summary["burst"]["failed"] == 0
     assert summary["burst"]["latency_ms"]["n"] == 40
-    assert summary["startup"]["start_to_ready_s"] > 0
+    startup = summary["startup"]
+    assert startup["start_to_ready_s"] > 0
+    # resident memory split into the agent's own and the mapped files' (library code)
+    assert startup["anonymous_after_200_stacks_mb"] > 0
+    assert startup["files_after_200_stacks_mb"] > 0
+    assert startup["anonymous_after_200_stacks_mb"] + startup["files_after_200_stacks_mb"] == pytest.approx(
+        startup["rss_after_200_stacks_mb"], abs=1.0
+    )
     assert summary["stages_ms"]["publish_rtt"]["n"] == 15
     assert all(float(row["publish_rtt"]) > 0 for row in rows)
 
@@ -109,6 +116,9 @@ def test_bench_landing_reports_latency_per_case_and_mode(tmp_path: Path, stack_s
         assert result["missed"] == 0
         assert result["latency_ms"]["n"] == 2
         assert {"p50", "p95", "min", "max"} <= set(result["latency_ms"])
+        # the agent's own share of each latency, read from the result it published
+        assert result["analysis_ms"]["n"] == 2
+        assert 0 < result["analysis_ms"]["max"] < result["latency_ms"]["max"]
     assert "landing:" in out
 
 

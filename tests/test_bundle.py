@@ -540,3 +540,35 @@ def test_a_recipe_of_the_image_alone_does_not_run_the_embedder(demo_bundle: Any,
     (vectors,) = seen
     image = Pipeline(bundle, "test").prepare("s1", paths).image[None]  # type: ignore[union-attr]
     np.testing.assert_array_equal(vectors, hand(image, np.zeros((1, 0), np.float32)))
+
+
+def test_the_device_gives_back_an_embedder_its_recipe_never_reads(tmp_path: Path) -> None:
+    from agent.model.bundle import ReleasedEmbedder
+    from agent.model.pipeline import Pipeline
+    from tests.helpers import write_stack
+
+    kept = load_bundle(REPO / "models" / "demo", threads=1)
+    released = load_bundle(REPO / "models" / "demo", threads=1, release_unread_embedder=True)
+    assert not released.features.embedding  # the demo's hand-rgb2 reads the image alone
+    assert released.golden is not None  # the golden check ran the embedder before it went
+    assert isinstance(released.embedder, ReleasedEmbedder)
+    assert (released.embedder.runtime, released.embedder.size, released.embedder.dim) == (
+        kept.embedder.runtime,
+        kept.embedder.size,
+        kept.embedder.dim,
+    )
+    with pytest.raises(RuntimeError, match="released after the golden check"):
+        released.embedder(np.zeros((1, 224, 224, 3), np.uint8))
+    paths = write_stack(tmp_path, "s1", size=(96, 96))
+    with_it, without = (Pipeline(b, "test").analyse("s1", paths).document for b in (kept, released))
+    assert without["kind"] == "result"
+    assert without["scores"] == with_it["scores"]
+
+
+def test_an_embedder_the_recipe_reads_is_kept(small_bundle: Path) -> None:
+    from agent.model.bundle import ReleasedEmbedder
+
+    bundle = load_bundle(small_bundle, threads=1, release_unread_embedder=True)
+    assert bundle.features.embedding
+    assert not isinstance(bundle.embedder, ReleasedEmbedder)
+    assert bundle.embedder(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, bundle.embedder.dim)

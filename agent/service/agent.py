@@ -135,7 +135,9 @@ class Agent:
         bundle = self._bundle
         if bundle is None:
             try:
-                bundle = load_bundle(self.config.bundle.path, threads=self.config.bundle.threads)
+                bundle = load_bundle(
+                    self.config.bundle.path, threads=self.config.bundle.threads, release_unread_embedder=True
+                )
             except BundleError as exc:
                 raise StartError(f"bundle refused: {exc}") from None
         thumbs = self.config.thumbnails

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"predict: --pattern: {exc}", file=sys.stderr)
         return 2
     try:
-        bundle = load_bundle(args.bundle, threads=args.threads)
+        bundle = load_bundle(args.bundle, threads=args.threads, release_unread_embedder=True)
     except BundleError as exc:
         print(f"predict: bundle refused: {exc}", file=sys.stderr)
         return 2

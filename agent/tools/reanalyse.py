@@ -91,7 +91,7 @@ def worker_pipeline(bundle_dir: str, bundle_sha256: str, threads: int, instrumen
     with _LOCK:
         pipeline = _PIPELINES.get(key)
         if pipeline is None:
-            bundle = load_bundle(Path(bundle_dir), threads=threads)
+            bundle = load_bundle(Path(bundle_dir), threads=threads, release_unread_embedder=True)
             if bundle.sha256 != bundle_sha256:
                 raise BundleError(
                     f"{bundle_dir} on this worker is bundle {bundle.sha256[:12]}..., "
