@@ -233,6 +233,26 @@ def test_loading_a_folder_without_a_key_says_it_is_not_a_cache(tmp_path: Path) -
 
 
 @pytest.mark.integration
+def test_embed_command_computes_the_recipe_chosen_on_real_stacks_unless_told(
+    tmp_path: Path, synthetic_set: Path
+) -> None:
+    from agent.cli import main
+    from agent.model import features
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = (synthetic_set / "train.csv").read_text().splitlines()[:4]
+    for row in rows[1:]:
+        for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
+            shutil.copy(path, data / path.name)
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    assert main(["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--quiet"]) == 0
+    loaded = EmbeddingCache(tmp_path / "cache").load()
+    assert loaded.key["features"]["name"] == "hand-rgb2"
+    assert loaded.vectors.shape == (3, features.recipe("hand-rgb2").width(0))
+
+
+@pytest.mark.integration
 def test_embed_command_with_lite0_writes_a_cache_and_a_rerun_resumes(
     tmp_path: Path, synthetic_set: Path
 ) -> None:
@@ -245,7 +265,8 @@ def test_embed_command_with_lite0_writes_a_cache_and_a_rerun_resumes(
         for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
             shutil.copy(path, data / path.name)
     (data / "train.csv").write_text("\n".join(rows) + "\n")
-    args = ["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--size", "96", "--quiet"]
+    args = ["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--size", "96", "--quiet",
+            "--features", "lite0-gap"]  # fmt: skip
     assert main(args) == 0
     loaded = EmbeddingCache(tmp_path / "cache").load()
     assert loaded.vectors.shape == (12, 1280)

@@ -80,7 +80,7 @@ class Bundle:
     sha256: str  # of manifest.json, which pins every other file by hash
     golden: GoldenCheck | None = None
     trust: Trust = field(default_factory=Trust)
-    features: Recipe = feature_recipes.DEFAULT  # embedder output -> the classifiers' input
+    features: Recipe = feature_recipes.LEGACY  # embedder output -> the classifiers' input
 
     @property
     def n_features(self) -> int:

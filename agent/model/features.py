@@ -17,7 +17,7 @@ layout differ from what this code computes for them (`from_manifest`). A manifes
 
 Registered recipes (a change to what one computes needs a new version, never an edit):
 - `lite0-gap` v1: the embedder's output (EfficientNet-Lite0, global average pool of the last
-  feature map, 1280 values). Today's default.
+  feature map, 1280 values). What a bundle, model or cache without a recipe means (`LEGACY`).
 - `hand-rgb` v1: 44 hand-made numbers describing where the green protein (input slot 1) sits
   relative to the nucleus (slot 2, blue) and the cell (slots 0 + 2), computed from the
   preprocessed image with OpenCV and numpy (no backbone output needed). Tuned for the
@@ -27,12 +27,13 @@ Registered recipes (a change to what one computes needs a new version, never an 
   The kind of `export/training/baseline.py`'s 45 features, without the yellow channel (the
   device's image holds the three input slots only).
 - `lite0-gap+hand-rgb` v1: the two above, concatenated (embedding first).
-- `hand-rgb2` v1: 81 numbers, `hand-rgb` v1's 44 then 37 more from the same masks (issue 15):
-  green per band of distance to the nucleus edge, texture and a granularity spectrum per
-  region, nucleolus-like dim-blue holes, per-nucleus statistics, exposure-robust levels and
-  ratios (see `hand2_layout`). Measured with `hpa-edge features-compare` on the 101 real
-  stacks (docs/training.md); tests/test_features.py keeps a plain version of the extra parts
-  and compares them, to float rounding.
+- `hand-rgb2` v1 (`DEFAULT_NAME`, `hpa-edge embed`'s default): 81 numbers, `hand-rgb` v1's
+  44 then 37 more from the same masks (issue 15): green per band of distance to the nucleus
+  edge, texture and a granularity spectrum per region, nucleolus-like dim-blue holes,
+  per-nucleus statistics, exposure-robust levels and ratios (see `hand2_layout`). Measured
+  with `hpa-edge features-compare` on the 101 real stacks (docs/training.md);
+  tests/test_features.py keeps a plain version of the extra parts and compares them, to
+  float rounding.
 - `lite0-gap+hand-rgb2` v1: the embedding, then `hand-rgb2`.
 
 `nucleus_mask` and `region_pool` (a feature map averaged inside, outside a mask and their
@@ -53,8 +54,9 @@ import numpy as np
 
 from agent.stacks.pools import pool
 
-DEFAULT_NAME = "lite0-gap"
-DEFAULT_VERSION = 1
+# What `hpa-edge embed` computes unless told otherwise: the recipe chosen on the real stacks
+# (docs/training.md, "Feature recipes"); the demo bundle's.
+DEFAULT_NAME = "hand-rgb2"
 # What the hand recipe needs from the preprocessing: these channels, alone, in these slots.
 HAND_SLOTS: dict[str, int] = {"red": 0, "green": 1, "blue": 2}
 
@@ -652,7 +654,9 @@ RECIPES: dict[tuple[str, int], Recipe] = {
         "lite0-gap+hand-rgb2", 1, True, hand2_features, hand2_layout, HAND2_PARAMS, HAND_SLOTS
     ),
 }
-DEFAULT = RECIPES[(DEFAULT_NAME, DEFAULT_VERSION)]
+# What a manifest, model or embedding cache without a `features` entry means: they predate
+# recipes, when the forests read the embedding as it is.
+LEGACY = RECIPES[("lite0-gap", 1)]
 
 
 def recipe(name: str, version: int | None = None) -> Recipe:
@@ -678,7 +682,7 @@ def from_manifest(entry: Mapping[str, Any] | None, embedding_dim: int | None = N
     the one this agent computes for the embedder's dim (when it is given).
     """
     if entry is None:
-        return DEFAULT
+        return LEGACY
     if not isinstance(entry, Mapping) or "name" not in entry or "version" not in entry:
         raise FeatureError("features entry must be an object with name and version")
     version = entry["version"]

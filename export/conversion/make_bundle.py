@@ -87,7 +87,7 @@ class Trained:
     classifier: LocationForests
     spec: BackboneSpec
     prep: Preprocessing
-    features: Recipe = feature_recipes.DEFAULT  # embedding -> the classifiers' input
+    features: Recipe = feature_recipes.LEGACY  # embedding -> the classifiers' input
     embedder: Path | None = None  # the converted file the forests were trained on, if any
 
     @property

@@ -69,7 +69,7 @@ class EmbedderFileError(ValueError):
 def cache_key(
     spec: BackboneSpec | Mapping[str, Any],
     prep: Preprocessing,
-    features: Recipe = feature_recipes.DEFAULT,
+    features: Recipe = feature_recipes.LEGACY,
     dim: int = EMBEDDING_DIM,
     embedder: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def with_recipe(key: Mapping[str, Any]) -> dict[str, Any]:
     """A cache key with its `features` entry; a key from before recipes is `lite0-gap` v1."""
     if "features" in key:
         return dict(key)
-    return {**key, "features": feature_recipes.DEFAULT.entry(int(key.get("dim", EMBEDDING_DIM)))}
+    return {**key, "features": feature_recipes.LEGACY.entry(int(key.get("dim", EMBEDDING_DIM)))}
 
 
 def key_recipe(key: Mapping[str, Any]) -> Recipe:
@@ -235,7 +235,7 @@ class Embedder:
     the feature recipe that turns its output into the classifiers' input (`vectors`)."""
 
     def __init__(
-        self, spec: BackboneSpec, prep: Preprocessing, features: Recipe = feature_recipes.DEFAULT
+        self, spec: BackboneSpec, prep: Preprocessing, features: Recipe = feature_recipes.LEGACY
     ) -> None:
         self.spec, self.prep, self.features = spec, prep, features
         self._model: Any = None
@@ -290,7 +290,7 @@ class DeployedEmbedder:
     Backbone and preprocessing are the file's; the cache key records its sha256.
     """
 
-    def __init__(self, path: Path, features: Recipe = feature_recipes.DEFAULT, threads: int = 2) -> None:
+    def __init__(self, path: Path, features: Recipe = feature_recipes.LEGACY, threads: int = 2) -> None:
         from agent.model.runtimes import load_embedder
 
         self.path = path
@@ -460,8 +460,9 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
         "--features",
         default=feature_recipes.DEFAULT_NAME,
         choices=names,
-        help="feature recipe applied to the embedding, newest version (agent.model.features; recorded in "
-        f"the cache key, the model and the bundle's manifest; default {feature_recipes.DEFAULT_NAME})",
+        help="feature recipe: what the forests are given, newest version (agent.model.features; recorded "
+        f"in the cache key, the model and the bundle's manifest; default {feature_recipes.DEFAULT_NAME}, "
+        "chosen on the real stacks; lite0-gap is the embedding alone)",
     )
 
 
