@@ -207,26 +207,30 @@ def reference_hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_
 def _assert_same_features(images: list[np.ndarray]) -> None:
     for image in images:
         expected, found = reference_hand_features(image), hand_features(image)
-        # float32 rounding (sums in another order, a DFT for the wide blurs), nothing more
+        # float32 rounding (sums in another order), nothing more
         np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_hand_features_equal_the_plain_reference_on_synthetic_stacks_of_every_size() -> None:
+def _stacks_of_every_size(seed: int, step: int) -> list[np.ndarray]:
+    """Painted stacks preprocessed to sizes from 32 to 512, then the hard cases: an empty
+    field (no cell, no green: every empty-region rule at once), one value everywhere (no
+    spread, no correlation) and noise (hundreds of tiny "nuclei")."""
     from export.data.cells import paint_stack
 
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     images = [
-        preprocess(paint_stack(rng, (i % 28, (7 * i) % 28), size=256, depth=8), Preprocessing(size=size))
+        preprocess(paint_stack(rng, (i % 28, (step * i) % 28), size=256, depth=8), Preprocessing(size=size))
         for i, size in enumerate([32, 48, 64, 96, 224, 224, 224, 300, 512])
     ]
-    edge = np.zeros((64, 64, 3), np.uint8)  # no cell, no green: every empty-region rule at once
-    flat = np.full((64, 64, 3), 90, np.uint8)  # one value everywhere: no spread, no correlation
+    edge = np.zeros((64, 64, 3), np.uint8)
+    flat = np.full((64, 64, 3), 90, np.uint8)
     noisy = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    _assert_same_features([*images, edge, flat, noisy])
+    return [*images, edge, flat, noisy]
 
 
-def test_hand_features_equal_the_plain_reference_on_the_real_stacks(stack_source: Path) -> None:
-    """The 101 real stacks, or the project's 24 synthetic stand-ins at the real size without them."""
+def _real_stacks(stack_source: Path) -> list[np.ndarray]:
+    """The 101 real stacks at 224 px, or the project's 24 synthetic stand-ins at the real size
+    without them."""
     prep = Preprocessing(size=224)
     images = []
     for green in sorted((stack_source / "stacks").glob("*_green.png")):
@@ -237,7 +241,15 @@ def test_hand_features_equal_the_plain_reference_on_the_real_stacks(stack_source
         }
         images.append(preprocess(channels, prep))
     assert len(images) >= SOURCE_STACKS
-    _assert_same_features(images)
+    return images
+
+
+def test_hand_features_equal_the_plain_reference_on_synthetic_stacks_of_every_size() -> None:
+    _assert_same_features(_stacks_of_every_size(seed=5, step=7))
+
+
+def test_hand_features_equal_the_plain_reference_on_the_real_stacks(stack_source: Path) -> None:
+    _assert_same_features(_real_stacks(stack_source))
 
 
 @pytest.mark.parametrize("size", [24, 64, 224])
@@ -464,31 +476,11 @@ def test_hand2_ratios_hardly_move_when_the_exposure_halves() -> None:
 
 
 def test_hand2_equals_the_plain_reference_on_synthetic_stacks_of_every_size() -> None:
-    from export.data.cells import paint_stack
-
-    rng = np.random.default_rng(6)
-    images = [
-        preprocess(paint_stack(rng, (i % 28, (5 * i) % 28), size=256, depth=8), Preprocessing(size=size))
-        for i, size in enumerate([32, 48, 64, 96, 224, 224, 224, 300, 512])
-    ]
-    edge = np.zeros((64, 64, 3), np.uint8)  # no cell, no green: every empty-region rule at once
-    flat = np.full((64, 64, 3), 90, np.uint8)
-    noisy = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)  # hundreds of tiny "nuclei"
-    _assert_same_hand2([*images, edge, flat, noisy, _cell()])
+    _assert_same_hand2([*_stacks_of_every_size(seed=6, step=5), _cell()])
 
 
 def test_hand2_equals_the_plain_reference_on_the_real_stacks(stack_source: Path) -> None:
-    prep = Preprocessing(size=224)
-    images = []
-    for green in sorted((stack_source / "stacks").glob("*_green.png")):
-        stem = green.name.removesuffix("_green.png")
-        channels = {
-            c: np.asarray(cv2.imread(str(green.with_name(f"{stem}_{c}.png")), cv2.IMREAD_UNCHANGED))
-            for c in ("red", "green", "blue", "yellow")
-        }
-        images.append(preprocess(channels, prep))
-    assert len(images) >= SOURCE_STACKS
-    _assert_same_hand2(images)
+    _assert_same_hand2(_real_stacks(stack_source))
 
 
 def test_a_recipes_image_values_computed_apart_give_the_same_vector() -> None:
