@@ -232,6 +232,17 @@ def test_loading_a_folder_without_a_key_says_it_is_not_a_cache(tmp_path: Path) -
         EmbeddingCache(tmp_path).load()
 
 
+def _first_stacks(synthetic_set: Path, n: int, data: Path) -> tuple[Path, list[str]]:
+    """A folder with the first n stacks of the session's synthetic set and their train.csv rows."""
+    data.mkdir()
+    rows = (synthetic_set / "train.csv").read_text().splitlines()[: n + 1]
+    for row in rows[1:]:
+        for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
+            shutil.copy(path, data / path.name)
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    return data, rows
+
+
 @pytest.mark.integration
 def test_embed_command_computes_the_recipe_chosen_on_real_stacks_unless_told(
     tmp_path: Path, synthetic_set: Path
@@ -239,13 +250,7 @@ def test_embed_command_computes_the_recipe_chosen_on_real_stacks_unless_told(
     from agent.cli import main
     from agent.model import features
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = (synthetic_set / "train.csv").read_text().splitlines()[:4]
-    for row in rows[1:]:
-        for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
-            shutil.copy(path, data / path.name)
-    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    data, _ = _first_stacks(synthetic_set, 3, tmp_path / "data")
     assert main(["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--quiet"]) == 0
     loaded = EmbeddingCache(tmp_path / "cache").load()
     assert loaded.key["features"]["name"] == "hand-rgb2"
@@ -258,13 +263,7 @@ def test_embed_command_with_lite0_writes_a_cache_and_a_rerun_resumes(
 ) -> None:
     from agent.cli import main
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = (synthetic_set / "train.csv").read_text().splitlines()[:13]
-    for row in rows[1:]:
-        for path in synthetic_set.glob(f"{row.split(',')[0]}_*.png"):
-            shutil.copy(path, data / path.name)
-    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    data, rows = _first_stacks(synthetic_set, 12, tmp_path / "data")
     args = ["embed", "--data", str(data), "--out", str(tmp_path / "cache"), "--size", "96", "--quiet",
             "--features", "lite0-gap"]  # fmt: skip
     assert main(args) == 0
