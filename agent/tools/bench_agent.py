@@ -156,13 +156,8 @@ def startup(
 ) -> dict[str, Any]:
     """`hpa-edge run` as systemd starts it: time to READY=1, then its memory after 200 stacks."""
     folder = work / "startup"
+    config = agent_config(folder, args.bundle, f"threads = {args.threads}\n")
     incoming = folder / "incoming"
-    incoming.mkdir(parents=True)
-    config = folder / "agent.toml"
-    config.write_text(
-        f'[watch]\nfolder = "{incoming}"\n[bundle]\npath = "{args.bundle.resolve()}"\n'
-        f'threads = {args.threads}\n[state]\ndatabase = "{folder / "state.db"}"\n[mqtt]\nport = 9\n'
-    )
     moves = stage_stacks(stacks, 200, folder / "staging", incoming)
     start = time.perf_counter()
     process = start_agent(config, folder, ready_within=30)
@@ -297,17 +292,39 @@ def _agent_process(
     args: argparse.Namespace, broker: Any, folder: Path, prefix: str, source: Path | None
 ) -> subprocess.Popen[bytes]:
     """`hpa-edge run` with the default watch settings, publishing to `broker`; READY=1 awaited."""
+    config = agent_config(
+        folder,
+        args.bundle,
+        f"threads = {args.threads}\n",
+        mqtt=f'host = "{broker.host}"\nport = {broker.port}\nprotocol = "{broker.protocol}"\n'
+        f'topic_prefix = "{prefix}"\n',
+        instrument="landing",
+    )
+    return start_agent(config, folder, ready_within=60, source=source)
+
+
+def agent_config(
+    folder: Path,
+    bundle: Path,
+    bundle_extra: str = "",
+    *,
+    watch_extra: str = "",
+    mqtt: str = "port = 9\n",
+    instrument: str | None = None,
+) -> Path:
+    """folder/agent.toml for a measured `hpa-edge run`: watching folder/incoming (made here),
+    its state in folder; `mqtt` lines (by default port 9, where no broker listens: results
+    wait in the outbox) and extra lines for [watch] and [bundle]."""
     incoming = folder / "incoming"
     incoming.mkdir(parents=True)
     config = folder / "agent.toml"
+    head = f'instrument = "{instrument}"\n' if instrument else ""
     config.write_text(
-        f'instrument = "landing"\n[watch]\nfolder = "{incoming}"\n'
-        f'[bundle]\npath = "{args.bundle.resolve()}"\nthreads = {args.threads}\n'
-        f'[state]\ndatabase = "{folder / "state.db"}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nprotocol = "{broker.protocol}"\n'
-        f'topic_prefix = "{prefix}"\n'
+        f'{head}[watch]\nfolder = "{incoming}"\n{watch_extra}'
+        f'[bundle]\npath = "{Path(bundle).resolve()}"\n{bundle_extra}'
+        f'[state]\ndatabase = "{folder / "state.db"}"\n[mqtt]\n{mqtt}'
     )
-    return start_agent(config, folder, ready_within=60, source=source)
+    return config
 
 
 def start_agent(

@@ -46,7 +46,7 @@ from agent.stacks.budget import DEFAULT_BUDGET, Budget
 from agent.stacks.image import open_channel
 from agent.stacks.labels import CHANNELS
 from agent.stacks.stack import find_stacks
-from agent.tools.bench_agent import start_agent, status_kb
+from agent.tools.bench_agent import agent_config, start_agent, status_kb
 
 MB = 1024 * 1024
 
@@ -216,14 +216,8 @@ def measure_reader(args: argparse.Namespace, folder: Path, path: str) -> dict[st
 def measure_agent(args: argparse.Namespace, stack: dict[str, Path], work: Path) -> dict[str, Any]:
     """`hpa-edge run` on a watched folder: RSS at READY, idle after small stacks, peak with
     `--count` copies of the stack arriving at once."""
+    config = agent_config(work, args.bundle, watch_extra="settle_seconds = 0.5\n")
     incoming = work / "incoming"
-    incoming.mkdir(parents=True)
-    config = work / "agent.toml"
-    config.write_text(
-        f'[watch]\nfolder = "{incoming}"\nsettle_seconds = 0.5\n'
-        f'[bundle]\npath = "{Path(args.bundle).resolve()}"\n'
-        f'[state]\ndatabase = "{work / "state.db"}"\n[mqtt]\nport = 9\n'
-    )
     staging = work / "staging"
     staging.mkdir()
     # As systemd starts it, with the unit's environment (MALLOC_ARENA_MAX among it).
