@@ -7,7 +7,8 @@ backbone or, with `--embedder FILE`, the converted file the bundle will ship (`h
 convert`), run by the device's runtime: then the forests are trained on the numbers the
 device computes, and the cache keeps a copy of the file. The network's embedding then goes
 through the feature recipe chosen with `--features` (`agent.model.features`, the function the
-device applies; default `lite0-gap` v1, the embedding as it is), and the cache stores the
+device applies; default `hand-rgb2` v1, chosen on the real stacks; `lite0-gap` v1 is the
+embedding as it is), and the cache stores the
 recipe's vectors, the ones `hpa-edge train` fits the forests on. The cache is a folder:
 
     cache.json          the key: backbone + weights identity + preprocessing + feature recipe
