@@ -31,14 +31,9 @@ import cv2
 import numpy as np
 
 from agent.stacks.labels import CHANNELS
+from agent.stacks.resize import RESIZE_METHODS, resize
 
 _AUTO_BITS = (10, 12, 14, 16)
-RESIZE_METHODS: Mapping[str, int] = {
-    "area": cv2.INTER_AREA,
-    "linear": cv2.INTER_LINEAR,
-    "cubic": cv2.INTER_CUBIC,
-    "nearest": cv2.INTER_NEAREST,
-}
 
 
 @dataclass(frozen=True)
@@ -252,7 +247,7 @@ class Reducer:
         eight = eight_bit(pixels, policy, bits)
         size = (self.prep.size, self.prep.size)
         if eight.shape != size:
-            eight = cv2.resize(eight, size, interpolation=RESIZE_METHODS[self.prep.resize])
+            eight = resize(eight, size, self.prep.resize)
         with self._lock:
             self._scaled_by[name] = bits if auto else None
             self._small[name] = eight
