@@ -168,6 +168,23 @@ def test_the_cache_stores_the_recipes_vectors_under_a_key_that_names_the_recipe(
     np.testing.assert_allclose(loaded.rows(dataset.ids), expected, rtol=1e-6)
 
 
+def test_a_recipe_of_the_image_alone_never_runs_the_network(tmp_path: Path) -> None:
+    from agent.model.features import recipe
+
+    hand = recipe("hand-rgb2")
+    dataset = _dataset(tmp_path / "data", 3)
+    network = PixelStats()
+    embedder = Embedder(BackboneSpec("b0", "random", seed=0), PREP, hand)
+    embedder._model = network
+    embed_dataset(dataset, embedder, EmbeddingCache(tmp_path / "cache"))
+    assert network.batches == []  # nor is TensorFlow loaded to build it
+    loaded = EmbeddingCache(tmp_path / "cache").load()
+    images = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
+    np.testing.assert_allclose(
+        loaded.rows(dataset.ids), hand(images, np.zeros((3, 0), np.float32)), rtol=1e-6
+    )
+
+
 def test_a_cache_made_with_another_recipe_is_refused_and_one_from_before_recipes_is_lite0_gap(
     tmp_path: Path,
 ) -> None:
