@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,39 +151,36 @@ def test_a_cache_made_with_another_backbone_seed_is_refused(tmp_path: Path) -> N
         cache.open(cache_key(BackboneSpec("b0", "random", seed=1), PREP))
 
 
-def test_the_cache_stores_the_recipes_vectors_under_a_key_that_names_the_recipe(tmp_path: Path) -> None:
+def _embed_three(tmp_path: Path, name: str) -> tuple[Any, PixelStats, Any, np.ndarray]:
+    """Three small stacks embedded with recipe `name` over a stand-in network: the recipe, the
+    network, the loaded cache, and the preprocessed images."""
     from agent.model.features import recipe
 
-    gap_hand = recipe("lite0-gap+hand-rgb")
+    chosen = recipe(name)
     dataset = _dataset(tmp_path / "data", 3)
     network = PixelStats()
-    embedder = Embedder(BackboneSpec("b0", "random", seed=0), PREP, gap_hand)
+    embedder = Embedder(BackboneSpec("b0", "random", seed=0), PREP, chosen)
     embedder._model = network
     embed_dataset(dataset, embedder, EmbeddingCache(tmp_path / "cache"))
     loaded = EmbeddingCache(tmp_path / "cache").load()
+    assert list(loaded.ids) == list(dataset.ids)
+    images = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
+    return chosen, network, loaded, images
+
+
+def test_the_cache_stores_the_recipes_vectors_under_a_key_that_names_the_recipe(tmp_path: Path) -> None:
+    gap_hand, network, loaded, images = _embed_three(tmp_path, "lite0-gap+hand-rgb")
     assert loaded.key["features"] == gap_hand.entry(1280)
     assert loaded.features is gap_hand
-    images = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
     expected = gap_hand(images, network.predict_on_batch(images))
     assert loaded.vectors.shape == (3, 1280 + 44)
-    np.testing.assert_allclose(loaded.rows(dataset.ids), expected, rtol=1e-6)
+    np.testing.assert_allclose(loaded.vectors, expected, rtol=1e-6)
 
 
 def test_a_recipe_of_the_image_alone_never_runs_the_network(tmp_path: Path) -> None:
-    from agent.model.features import recipe
-
-    hand = recipe("hand-rgb2")
-    dataset = _dataset(tmp_path / "data", 3)
-    network = PixelStats()
-    embedder = Embedder(BackboneSpec("b0", "random", seed=0), PREP, hand)
-    embedder._model = network
-    embed_dataset(dataset, embedder, EmbeddingCache(tmp_path / "cache"))
+    hand, network, loaded, images = _embed_three(tmp_path, "hand-rgb2")
     assert network.batches == []  # nor is TensorFlow loaded to build it
-    loaded = EmbeddingCache(tmp_path / "cache").load()
-    images = np.stack([preprocess(s.channels, PREP) for _, s in dataset.stacks()])  # type: ignore[union-attr]
-    np.testing.assert_allclose(
-        loaded.rows(dataset.ids), hand(images, np.zeros((3, 0), np.float32)), rtol=1e-6
-    )
+    np.testing.assert_allclose(loaded.vectors, hand(images, np.zeros((3, 0), np.float32)), rtol=1e-6)
 
 
 def test_a_cache_made_with_another_recipe_is_refused_and_one_from_before_recipes_is_lite0_gap(
