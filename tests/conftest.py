@@ -22,17 +22,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
-@pytest.fixture(scope="session")
-def real_dir() -> Path:
-    """../shared/hpa-real beside the checkout (or $HPA_REAL), for the few tests that check facts of
-    the real files themselves (their published hashes, the full Kaggle label file); they skip
-    when it is absent. A test that needs only stacks in the real format uses `stack_source`."""
-    folder = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
-    if not (folder / "stacks").is_dir():
-        pytest.skip(
-            f"checks the real HPA files themselves, not found at {folder} (set HPA_REAL to their folder)"
-        )
-    return folder
+def real_folder() -> Path:
+    """Where the real HPA stacks are looked for: ../shared/hpa-real beside the checkout, or
+    $HPA_REAL. Absent on a user's fresh clone: every test that reads them then uses a synthetic
+    stand-in made by the project (`stack_source`, `kaggle_labels`) and still runs."""
+    return Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
 
 
 SOURCE_STACKS = 24  # synthetic stacks when the real ones are absent: the tests index 0..23
@@ -42,14 +36,13 @@ SOURCE_STACKS = 24  # synthetic stacks when the real ones are absent: the tests 
 def stack_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder whose `stacks/` holds real-format stacks (`<id>_<channel>.png`, 8-bit, 512 x 512).
 
-    The real HPA stacks (../shared/hpa-real, or $HPA_REAL, as `real_dir`) when their `stacks/`
-    exists: real pixels are the better test input, and CI has them. Otherwise, as on a user's
-    fresh clone, 24 synthetic stacks from the project's generator at the real size, made once per
-    session (seconds), with their labels in `labels.csv` beside `stacks/` as in the real folder;
-    so the tests that need only some stacks in the real format run everywhere instead of skipping.
-    Tests that need the real images themselves (their labels, hashes, statistics) use `real_dir`.
+    The real HPA stacks (`real_folder()`) when their `stacks/` exists: real pixels are the better
+    test input, and CI has them. Otherwise, as on a user's fresh clone, 24 synthetic stacks from
+    the project's generator at the real size, made once per session (seconds), with their labels
+    in `labels.csv` beside `stacks/` as in the real folder; so the tests that need only some
+    stacks in the real format run everywhere instead of skipping.
     """
-    real = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real"))
+    real = real_folder()
     if (real / "stacks").is_dir():
         return real
     from export.data.synth import generate
@@ -59,6 +52,26 @@ def stack_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     labels.rename(folder / "labels.csv")
     (folder / "stacks" / "synth.json").rename(folder / "synth.json")
     return folder
+
+
+KAGGLE_STACKS = 31072  # rows of Kaggle's train.csv
+
+
+@pytest.fixture(scope="session")
+def kaggle_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kaggle's full label file (the real folder's `train.csv`); without it, as on a user's fresh
+    clone, a stand-in of the same form and size: 31,072 rows whose label sets the project's
+    generator draws from Kaggle's per-location frequencies (`sample_label_sets`)."""
+    real = real_folder() / "train.csv"
+    if real.is_file():
+        return real
+    from export.data.synth import sample_label_sets
+
+    out = tmp_path_factory.mktemp("kaggle_labels") / "train.csv"
+    rows = [f"{i:08x}-0000-0000-0000-000000000000,{' '.join(map(str, labels))}"
+            for i, labels in enumerate(sample_label_sets(KAGGLE_STACKS, seed=0))]  # fmt: skip
+    out.write_text("Id,Target\n" + "\n".join(rows) + "\n")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,7 @@ def test_a_real_format_folder_reads_with_its_label_file(stack_source: Path) -> N
     assert counts[27] == 0  # Rods & rings, rare, in neither
 
 
-def test_full_kaggle_label_file_parses(real_dir: Path) -> None:
-    rows = read_labels(real_dir / "train.csv")
+def test_full_kaggle_label_file_parses(kaggle_labels: Path) -> None:
+    """The real file, or a stand-in of its size and form without ../shared."""
+    rows = read_labels(kaggle_labels)
     assert len(rows) == 31072

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 from agent.stacks import quality
 from agent.stacks.labels import CHANNELS
 from agent.stacks.stack import find_stacks, read_stack
-from tests.conftest import REPO
+from tests.conftest import real_folder
 
 Channels = dict[str, np.ndarray]
 
@@ -30,7 +29,7 @@ SYNTHETIC_SEED = 0
 
 
 def _real_stack() -> Channels | None:
-    folder = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa-real")) / "stacks"
+    folder = real_folder() / "stacks"
     paths = {c: folder / f"{REAL_STACK}_{c}.png" for c in CHANNELS}
     if not all(p.is_file() for p in paths.values()):
         return None
