@@ -563,6 +563,8 @@ def test_the_device_gives_back_an_embedder_its_recipe_never_reads(tmp_path: Path
     with_it, without = (Pipeline(b, "test").analyse("s1", paths).document for b in (kept, released))
     assert without["kind"] == "result"
     assert without["scores"] == with_it["scores"]
+    image = Pipeline(kept, "test").prepare("s1", paths).image[None]  # type: ignore[union-attr]
+    np.testing.assert_array_equal(released.probabilities(image), kept.probabilities(image))
 
 
 def test_an_embedder_the_recipe_reads_is_kept(small_bundle: Path) -> None:

@@ -97,7 +97,7 @@ class Bundle:
         return f"{self.manifest['backbone']['name']}-{self.manifest['quantization']}-{self.sha256[:12]}"
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier(self.feature_vectors(images, self.embedder(images)))
+        return self.classifier(self.feature_vectors(images, self.features.embeddings(self.embedder, images)))
 
     def feature_vectors(
         self, images: np.ndarray, embeddings: np.ndarray, image_part: np.ndarray | None = None

@@ -586,6 +586,14 @@ class Recipe:
     params: Mapping[str, Any] = field(default_factory=dict)
     needs_slots: Mapping[str, int] | None = None  # channels the recipe reads from given slots
 
+    def embeddings(self, network: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+        """What `__call__` needs of the network for these images: its output, or none (N x 0)
+        for a recipe that does not read it, which then never runs the network (the device skips
+        the embedder per stack, `hpa-edge embed` never loads TensorFlow)."""
+        if not self.embedding:
+            return np.zeros((len(images), 0), np.float32)
+        return network(images)
+
     def image_part(self, images: np.ndarray) -> np.ndarray | None:
         """N x k float32: the values of each image alone; None when the recipe has none."""
         per_image = self.per_image

@@ -124,7 +124,7 @@ class Pipeline:
         # golden check at start still runs it).
         recipe = self.bundle.features
         if not recipe.embedding:
-            embedding = self.bundle.feature_vectors(images, np.zeros((len(images), 0), np.float32))
+            embedding = self.bundle.feature_vectors(images, recipe.embeddings(self.bundle.embedder, images))
         else:
             beside = (
                 pool("recipe", 1).submit(recipe.image_part, images) if recipe.per_image is not None else None

@@ -172,8 +172,8 @@ def startup(
         peak = status_kb(process.pid, "VmHWM")
         now = status_kb(process.pid, "VmRSS")
         # RSS = the process's own memory (anonymous) + the pages of mapped files it touched:
-        # mostly library code, shared and reclaimable, and larger on kernels that map the
-        # page cache's large folios whole (about 110 MB on 6.18 here, cv2 alone 39 MB)
+        # mostly library code, shared and reclaimable, and varying with the page cache's state
+        # (69-109 MB on the test machine for the same code, docs/benchmark.md)
         anonymous, files = status_kb(process.pid, "RssAnon"), status_kb(process.pid, "RssFile")
     finally:
         process.terminate()

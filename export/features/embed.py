@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,7 +254,7 @@ class Embedder:
     def vectors(self, images: np.ndarray) -> np.ndarray:
         """What the cache stores: the recipe applied to the images and the network's output
         (not computed, nor TensorFlow loaded, for a recipe that does not read it)."""
-        return self.features(images, _embeddings_for(self.features, self, images))
+        return self.features(images, self.features.embeddings(self, images))
 
     def key(self) -> dict[str, Any]:
         return cache_key(self.spec, self.prep, self.features)
@@ -305,22 +305,12 @@ class DeployedEmbedder:
         return self.runtime(images)
 
     def vectors(self, images: np.ndarray) -> np.ndarray:
-        return self.features(images, _embeddings_for(self.features, self, images))
+        return self.features(images, self.features.embeddings(self, images))
 
     def key(self) -> dict[str, Any]:
         """The cache key: the file's backbone and preprocessing, and the file itself by hash."""
         embedder = {k: self.entry[k] for k in ("quantization", "sha256", "bytes", "calibration")}
         return cache_key(self.entry["backbone"], self.prep, self.features, int(self.runtime.dim), embedder)
-
-
-def _embeddings_for(
-    recipe: Recipe, network: Callable[[np.ndarray], np.ndarray], images: np.ndarray
-) -> np.ndarray:
-    """The network's output for the images, or none (N x 0) when the recipe does not read it,
-    as on the device (`Pipeline.infer`): the default `hand-rgb2` needs no backbone run."""
-    if not recipe.embedding:
-        return np.zeros((len(images), 0), np.float32)
-    return network(images)
 
 
 @dataclass
