@@ -152,6 +152,9 @@ def test_a_second_different_error_of_the_same_stack_keeps_the_first_error_file(
     with running(config, demo_bundle):
         drop(stacks["d"], config.watch.folder, "d", order=("red", "green", "blue"))
         assert subscriber.wait_for(lambda: len(errors(subscriber)) == 1)
+        # The error is published before the files move; writing the same names while they move
+        # races the rename itself, which no stat can catch (docs/reliability.md).
+        assert subscriber.wait_for(lambda: not list(config.watch.folder.glob("d_*")))
         drop(stacks["e"], config.watch.folder, "d", order=("red", "green"))  # other bytes, same id
         assert subscriber.wait_for(lambda: len(errors(subscriber)) == 2)
     documents = [json.loads(p.read_text()) for p in sorted(config.folder("quarantine").glob("d.error*.json"))]
@@ -182,6 +185,28 @@ def test_a_channel_rewritten_after_it_was_read_is_quarantined_with_an_error_nami
     assert error["files"]["green"]["sha256"] != result["files"]["green"]["sha256"]
     assert names_in(config.folder("done")) == sorted(f"f_{c}.png" for c in ("red", "blue", "yellow"))
     assert "f_green.png" in names_in(config.folder("quarantine"))
+
+
+def test_a_channel_rewritten_while_it_is_being_moved_is_put_back_and_quarantined_on_its_own(
+    tmp_path, broker, subscriber, demo_bundle, stacks
+):
+    config = config_for(tmp_path, broker.port, {"watch": {"incomplete_timeout": 1.0}})
+    with running(config, demo_bundle) as agent:
+
+        def move_as_the_microscope_rewrites(source: Path, folder: Path) -> Path:
+            if source.name == "h_green.png":  # past the agent's stat, before the rename
+                shutil.copyfile(stacks["g"]["green"], source)
+            return move_file(source, folder)
+
+        agent.disposer.move = move_as_the_microscope_rewrites
+        drop(stacks["f"], config.watch.folder, "h")
+        assert subscriber.wait_for(lambda: len(errors(subscriber)) == 1)
+    (result,) = results(subscriber)
+    (error,) = errors(subscriber)
+    assert error["code"] == "changed_after_read"
+    assert error["files"]["green"]["sha256"] != result["files"]["green"]["sha256"]
+    assert names_in(config.folder("done")) == sorted(f"h_{c}.png" for c in ("red", "blue", "yellow"))
+    assert (config.folder("quarantine") / "h_green.png").read_bytes() == stacks["g"]["green"].read_bytes()
 
 
 # Failures outside the stack ---------------------------------------------------------------

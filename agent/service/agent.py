@@ -711,6 +711,15 @@ class Agent:
                     file=name,
                     action="left in the folder; analysed again with a whole new stack, else quarantined",
                 )
+            for name in disposal.stranded:
+                log.event(
+                    "file_changed_while_moved",
+                    "warning",
+                    stack=life.stack_id,
+                    file=name,
+                    target=disposal.target,
+                    action="its new bytes were moved with the stack and could not be put back",
+                )
             if disposal.error is not None:
                 exc = disposal.error
                 log.event(

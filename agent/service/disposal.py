@@ -14,8 +14,11 @@ A file that changed after it was read (other size or mtime than when its stack w
 for analysis) is not moved: the answer recorded is not about its new bytes. It stays in the
 folder and is seen afresh: written again as part of a whole new stack, it is analysed (a
 new result, a new msg_id); alone, it ends in quarantine with a `changed_after_read` error
-naming it. The check is a stat just before the move, so a write racing the rename itself is
-not caught (documented in docs/reliability.md).
+naming it. The check is a stat just before the move and another of the file where it landed:
+a write racing the move itself (the microscope truncating and rewriting a file the agent is
+moving) is caught by the second, and the file is put back under its name to be seen afresh
+(unless that name was taken again meanwhile: then it stays where it landed, `stranded`, and
+the warning says so). A move across disks copies, and its checksum comparison stands instead.
 
 `<id>.error.json` is never overwritten by a different error of the same id: the next one
 is `<id>.error.1.json`, and so on.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +62,7 @@ class Disposal:
     error: OSError | None = None  # the move that failed; None when every file is dealt with
     left: dict[str, Entry] = field(default_factory=dict)  # files.after = "leave": how they looked
     changed: list[str] = field(default_factory=list)  # changed since they were read: not moved
+    stranded: list[str] = field(default_factory=list)  # written while moving, could not be put back
 
 
 class Disposer:
@@ -80,27 +85,32 @@ class Disposer:
         destination = destination_of(analysis)
         after, target = self._policy(destination)
         changed: list[str] = []
+        stranded: list[str] = []
         try:
             if destination != "done":
                 document = document_of(analysis)
                 write_json(_error_path(target, analysis.stack_id, analysis.msg_id), document)
             for name in names.values():
                 path = self.folder / name
-                now = _entry(path)
-                if now is None:
+                info = _lstat(path)
+                if info is None:
                     continue  # moved by an earlier attempt (or removed by someone else)
-                if expected and name in expected and now != expected[name]:
+                if expected and name in expected and _entry(info) != expected[name]:
                     changed.append(name)
                     continue
-                self._apply(after, path, target)
+                landed = self._apply(after, path, target)
                 crashpoint.reach("after_move")
+                if landed is not None and expected and name in expected:
+                    moved = _lstat(landed)  # the same inode when renamed: written while it moved?
+                    if moved is not None and _same_file(info, moved) and _entry(moved) != expected[name]:
+                        (changed if _put_back(landed, path) else stranded).append(name)
         except OSError as exc:
-            return Disposal(target, error=exc, changed=changed)
+            return Disposal(target, error=exc, changed=changed, stranded=stranded)
         if after != "leave":
-            return Disposal(target, changed=changed)
+            return Disposal(target, changed=changed, stranded=stranded)
         listing = self.lister(self.folder)
         left = {name: listing[name] for name in names.values() if name in listing and name not in changed}
-        return Disposal(target, left=left, changed=changed)
+        return Disposal(target, left=left, changed=changed, stranded=stranded)
 
     def finish_remnant(self, name: str, outcome: str) -> Disposal:
         """A file of a stack recorded earlier, met again: where its stack's files went, quietly."""
@@ -111,8 +121,8 @@ class Disposer:
         except OSError as exc:
             return Disposal(target, error=exc)
         if after == "leave":
-            entry = _entry(path)
-            return Disposal(target, left={} if entry is None else {name: entry})
+            info = _lstat(path)
+            return Disposal(target, left={} if info is None else {name: _entry(info)})
         return Disposal(target)
 
     def _policy(self, destination: str) -> tuple[str, Path]:
@@ -121,20 +131,40 @@ class Disposer:
         after = self.config.files.after if destination == "done" else "move"
         return after, self.config.folder(destination)
 
-    def _apply(self, after: str, path: Path, target: Path) -> None:
+    def _apply(self, after: str, path: Path, target: Path) -> Path | None:
+        """Where the file landed, when it was moved."""
         if after == "move":
-            self.move(path, target)
-        elif after == "delete":
+            return self.move(path, target)
+        if after == "delete":
             path.unlink(missing_ok=True)
+        return None
 
 
-def _entry(path: Path) -> Entry | None:
-    """How a file looks now (never following a link), as the folder listing sees it."""
+def _put_back(landed: Path, path: Path) -> bool:
+    """Return a file to the name it was moved from, never over a file written there since."""
     try:
-        info = path.lstat()
+        os.link(landed, path, follow_symlinks=False)
+    except OSError:
+        return False  # the name is taken again, or another disk: it stays where it landed
+    landed.unlink()
+    return True
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
     except FileNotFoundError:
         return None
-    return Entry(info.st_size, info.st_mtime_ns, path.is_symlink())
+
+
+def _entry(info: os.stat_result) -> Entry:
+    """How a file looks (never following a link), as the folder listing sees it."""
+    return Entry(info.st_size, info.st_mtime_ns, stat.S_ISLNK(info.st_mode))
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """Renamed, not copied across disks nor dropped as a duplicate of a file already there."""
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _error_path(folder: Path, stack_id: str, msg_id: str) -> Path:
