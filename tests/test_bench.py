@@ -81,6 +81,7 @@ def test_bench_burst_startup_and_broker_round_trip(tmp_path: Path, stack_source:
     )  # fmt: skip
     assert summary["burst"]["stacks"] == 40
     assert summary["burst"]["failed"] == 0
+    assert summary["burst"]["cpu_ms_per_stack"] > 0
     assert summary["burst"]["latency_ms"]["n"] == 40
     startup = summary["startup"]
     assert startup["start_to_ready_s"] > 0

@@ -365,7 +365,7 @@ def report(summary: Mapping[str, Any]) -> None:
         b = summary["burst"]
         print(
             f"burst: {b['stacks']} stacks dropped in {b['drop_s']} s, drained in {b['drain_s']} s: "
-            f"{b['stacks_per_s']} stacks/s ({b['failed']} failed)"
+            f"{b['stacks_per_s']} stacks/s, {b['cpu_ms_per_stack']} ms CPU each ({b['failed']} failed)"
         )
     if "startup" in summary:
         s = summary["startup"]
