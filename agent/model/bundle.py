@@ -35,11 +35,12 @@ from agent.model.novelty import NoveltyReference
 from agent.model.review import Trust, read_set_calibration
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
 from agent.model.similarity import cosine
+from agent.stacks import heap
 from agent.stacks.digest import file_sha256
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS, LOCATIONS
 from agent.stacks.preprocess import Preprocessing
-from agent.stacks.stack import _malloc_trim, read_reduced
+from agent.stacks.stack import read_reduced
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -234,7 +235,7 @@ def load_bundle(
         facts = (embedder.runtime, embedder.size, embedder.dim, embedder.input_dtype)
         del embedder
         bundle.embedder = ReleasedEmbedder(*facts)
-        _malloc_trim()  # the interpreter's freed buffers sit below live data in glibc's heap
+        heap.trim()  # the interpreter's freed buffers sit below live data in glibc's heap
     return bundle
 
 

@@ -56,9 +56,9 @@ from agent.service.state import Ledger, StateError
 from agent.service.stats import Stats
 from agent.service.tracker import Entry, Look, Tracker
 from agent.service.watcher import Watcher, list_folder
+from agent.stacks import heap
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
-from agent.stacks.stack import _malloc_trim
 
 STATE_RETRY_SECONDS = 5.0
 MOVE_RETRY_SECONDS = 10.0  # a stack whose files could not be moved is left alone this long
@@ -344,7 +344,7 @@ class Agent:
             # Going idle: give back what the batch freed. glibc keeps freed blocks in each
             # thread's arena below data still in use (measured: RSS after 200 stacks 165 ->
             # 159 MB with the demo bundle); 0.1 ms when there is nothing to give back.
-            _malloc_trim()
+            heap.trim()
             # Every look is a full listing; events only bring the next one forward.
             polling = self.watcher.mode == "polling" or self.book.waiting or self._folder_lost
             wait = self.config.watch.poll_interval if polling else self.config.watch.rescan_interval

@@ -4,7 +4,7 @@ Owns the 28 locations and four channels (`labels`), the rejection a file or stac
 (`errors`), file hashes and the stack fingerprint (`digest`), file names -> stack id and
 channel (`naming`), decoding and checking one channel file (`image`), one stack of four,
 whole or a channel at a time (`stack`), the pixels a model is given (`preprocess`), cheap
-image-quality figures and checks (`quality`), the memory the decode threads share (`budget`)
-and its measurement (`memory`, a command). The bottom room: it may import numpy, OpenCV and
-the standard library, and nothing else of the project.
+image-quality figures and checks (`quality`), the memory the decode threads share (`budget`),
+its measurement (`memory`, a command) and giving freed memory back (`heap`). The bottom
+room: it may import numpy, OpenCV and the standard library, and nothing else of the project.
 """

@@ -8,19 +8,16 @@ costs about one channel's memory per reading thread, and one channel's when chan
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from agent.stacks import quality
+from agent.stacks import heap, quality
 from agent.stacks.budget import Budget
 from agent.stacks.errors import StackError
 from agent.stacks.image import Channel, ChannelFile, Limits, open_channel, read_channel
@@ -273,24 +270,7 @@ def _trimmed(reservation: AbstractContextManager[None]) -> Iterator[None]:
         try:
             yield
         finally:
-            _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    global _trim
-    if _trim is None:
-        try:
-            function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            function.argtypes = [ctypes.c_size_t]
-            function.restype = ctypes.c_int
-            _trim = function
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim: Callable[[int], int] | Literal[False] | None = None
+            heap.trim()
 
 
 def _check_complete(stack_id: str, paths: Mapping[str, Path]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.stacks.stack import _malloc_trim
+from agent.stacks import heap
 
 LIBRARY = "onnxruntime"
 
@@ -36,7 +36,7 @@ class OnnxClassifier:
         options.log_severity_level = 3
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        _malloc_trim()  # give back what building the session freed (see the module docstring)
+        heap.trim()  # give back what building the session freed (see the module docstring)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != ["embedding"] or [o.name for o in outputs] != ["probabilities"]:
             raise ValueError("classifier graph must map 'embedding' to 'probabilities'")
