@@ -90,3 +90,18 @@ def test_an_unknown_location_in_a_result_is_an_error_that_names_it(
         == 2
     )
     assert "unknown location(s) ['Nowhere']" in capsys.readouterr().err
+
+
+def test_the_flag_ratio_comes_with_an_interval_around_it() -> None:
+    flagged = np.array([True] * 40 + [False] * 60)
+    wrong = np.array([True] * 20 + [False] * 20 + [True] * 15 + [False] * 45)
+    figures = flag_figures([result(str(i), [NUC], review=bool(f)) for i, f in enumerate(flagged)], wrong)
+    assert figures["wrong_ratio"] == 2.0  # 50% against 25%
+    low, high = figures["wrong_ratio_ci95"]
+    assert low < 2.0 < high
+
+
+def test_no_ratio_when_unflagged_stacks_are_never_wrong() -> None:
+    documents = [result("a", [NUC], review=True), result("b", [NUC])]
+    figures = flag_figures(documents, np.array([True, False]))
+    assert (figures["wrong_ratio"], figures["wrong_ratio_ci95"]) == (None, None)

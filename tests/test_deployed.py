@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from agent.model.bundle import BundleError, load_bundle
+from agent.model.review import SET_RISK_INPUTS
 from agent.model.runtimes import load_embedder
 from agent.model.thresholds import apply
 from agent.stacks.digest import file_sha256
@@ -302,8 +303,42 @@ def test_the_bundle_carries_the_set_confidence_and_results_report_it(
     paths = {c: synthetic_set / f"{stack_id}_{c}.png" for c in CHANNELS}
     document = Pipeline(bundle, "test").analyse(stack_id, paths).document
     assert 0.0 <= document["set_confidence"] <= 1.0
-    flagged_for_it = document["set_confidence"] < bundle.trust.set_calibration.cut
+    assert bundle.trust.set_risk is not None  # the flag's cut is the set-risk model's
+    assert 0.0 <= document["set_risk"] <= 1.0
+    flagged_for_it = document["set_risk"] > bundle.trust.set_risk.cut
     assert ("uncertain_set" in document["review_reasons"]) == flagged_for_it
+
+
+def test_the_set_risk_graph_gives_scikit_learns_risks(deployed_bundle: Path, deployed_model: Path) -> None:
+    from export.conversion.make_bundle import read_model
+
+    trained = read_model(deployed_model, None)
+    assert trained.set_risk is not None
+    inputs = np.random.default_rng(0).uniform(size=(50, SET_RISK_INPUTS)).astype(np.float32)
+    inputs[:, -1] = np.round(inputs[:, -1] * 3)
+    bundle = load_bundle(deployed_bundle)
+    assert bundle.trust.set_risk is not None
+    shipped = np.asarray(bundle.trust.set_risk.model(inputs))[:, 0]
+    assert shipped == pytest.approx(trained.set_risk.predict_proba(inputs)[:, 1], abs=1e-5)
+    assert bundle.trust.set_risk.cut == pytest.approx(trained.set_risk.cut_)
+
+
+def test_a_set_risk_entry_without_its_file_or_for_other_inputs_is_refused(
+    deployed_bundle: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "bundle"
+    shutil.copytree(deployed_bundle, folder)
+    manifest = _manifest(folder)
+    manifest["set_risk"]["inputs"] = 29
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="set_risk: inputs 29"):
+        load_bundle(folder)
+    del manifest["files"]["set_risk"]
+    (folder / "set_risk.onnx").unlink()
+    manifest["set_risk"]["inputs"] = SET_RISK_INPUTS
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="set_risk needs"):
+        load_bundle(folder)
 
 
 def test_a_malformed_set_confidence_entry_is_refused(deployed_bundle: Path, tmp_path: Path) -> None:

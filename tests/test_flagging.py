@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from agent.model.review import SET_CONFIDENCE_METHOD, SetCalibration, read_set_calibration
-from export.training.flagging import SetConfidence, choose_cut
+from agent.model.review import SET_CONFIDENCE_METHOD, SetCalibration, read_set_calibration, risk_inputs
+from export.training.flagging import SetConfidence, SetRiskModel, choose_cut
 
 L = 4
 NAMES = [f"location {j}" for j in range(L)]
@@ -157,3 +157,78 @@ def test_it_follows_scikit_learn_conventions() -> None:
     assert clone(model).get_params() == {"share": 0.3, "clip": 0.01}
     with pytest.raises(Exception, match="not fitted"):
         model.manifest_entry(NAMES)
+
+
+# The set-risk model ------------------------------------------------------------------------
+def hidden_second_location(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated scores, except for a middling score of location 1 (0.2-0.45, under its
+    threshold): beside a clear location 0 it hides location 1 nine times in ten, elsewhere
+    never. Alone, such a score means about what it says, so no per-location calibration can
+    tell the two apart; the pair of scores can."""
+    scores, y = calibrated_data(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    middling = (scores[:, 1] > 0.2) & (scores[:, 1] < 0.45)
+    beside = middling & (scores[:, 0] > 0.8)
+    y[middling & ~beside, 1] = 0
+    y[beside, 1] = rng.uniform(size=int(beside.sum())) < 0.9
+    return scores, y
+
+
+@pytest.fixture(scope="module")
+def risk_model() -> tuple[SetRiskModel, SetConfidence]:
+    scores, y = hidden_second_location(3000, 0)
+    confidence = SetConfidence(share=0.35).fit(scores, y, THRESHOLDS, AVAILABLE)
+    risk = SetRiskModel(share=0.35, jobs=1).fit(scores, y, THRESHOLDS, confidence.confidence_)
+    return risk, confidence
+
+
+def test_the_set_risk_finds_the_wrong_sets_the_set_confidence_misses(
+    risk_model: tuple[SetRiskModel, SetConfidence],
+) -> None:
+    risk, confidence = risk_model
+    scores, y = hidden_second_location(3000, 1)  # new stacks
+    labels = scores >= THRESHOLDS
+    by_confidence = confidence.confidence(scores, labels) < confidence.cut_
+    chances = risk.predict_proba(risk_inputs(scores, labels, confidence.confidence(scores, labels)))[:, 1]
+    by_risk = chances > risk.cut_
+    assert abs(by_risk.mean() - by_confidence.mean()) < 0.05  # about the same share flagged
+    middling = (scores[:, 1] > 0.2) & (scores[:, 1] < 0.45)
+    hidden = middling & (scores[:, 0] > 0.8) & (y[:, 1] > 0)  # wrong: location 1 missed
+    harmless = middling & (scores[:, 0] <= 0.8)  # location 1 rightly left out
+    assert by_risk[hidden].mean() > 0.9
+    assert by_confidence[hidden].mean() < 0.5
+    assert by_risk[harmless].mean() < by_confidence[harmless].mean()
+
+
+def test_the_risk_cut_flags_the_wanted_share_of_the_fitting_stacks_out_of_fold(
+    risk_model: tuple[SetRiskModel, SetConfidence],
+) -> None:
+    risk, _ = risk_model
+    assert risk.flagged_share_ == pytest.approx(0.35, abs=0.005)
+    assert np.mean(risk.risk_ > risk.cut_) == pytest.approx(risk.uncertain_share_)
+
+
+def test_the_set_risk_manifest_entry_reads_back_with_its_inputs_and_cut(
+    risk_model: tuple[SetRiskModel, SetConfidence],
+) -> None:
+    risk, _ = risk_model
+    entry = json.loads(json.dumps(risk.manifest_entry()))
+    assert entry["inputs"] == L + 2
+    assert entry["cut"] == risk.cut_
+
+
+def test_without_enough_wrong_training_sets_no_set_risk_model_is_fitted() -> None:
+    scores, y = calibrated_data(n=200)
+    y = (scores >= THRESHOLDS).astype(np.uint8)  # every set right
+    y[:3, 0] = 1 - y[:3, 0]  # three wrong
+    with pytest.raises(ValueError, match="3 wrong and 197 right"):
+        SetRiskModel().fit(scores, y, THRESHOLDS, np.full(200, 0.5))
+
+
+def test_the_set_risk_model_follows_scikit_learn_conventions() -> None:
+    from sklearn.base import clone
+
+    model = SetRiskModel(share=0.3, trees=10)
+    assert clone(model).get_params()["trees"] == 10
+    with pytest.raises(Exception, match="not fitted"):
+        model.manifest_entry()

@@ -12,7 +12,16 @@ import pytest
 
 from agent.model.bundle import BundleError, load_bundle
 from agent.model.novelty import NoveltyReference
-from agent.model.review import SetCalibration, Trust, review
+from agent.model.review import (
+    SET_RISK_INPUTS,
+    SET_RISK_METHOD,
+    SetCalibration,
+    SetRisk,
+    Trust,
+    read_set_risk,
+    review,
+    risk_inputs,
+)
 from agent.model.thresholds import near
 from agent.stacks.digest import file_sha256
 from agent.stacks.labels import LOCATIONS
@@ -135,6 +144,69 @@ def test_with_a_set_calibration_no_label_novel_input_and_image_quality_still_fla
         "no_label",
         "saturated",
     ]
+
+
+def fixed_risk(risk: float, cut: float = 0.7, seen: list[np.ndarray] | None = None) -> SetRisk:
+    """A set-risk model that gives every stack `risk` (and keeps what it was given in `seen`)."""
+
+    def model(inputs: np.ndarray) -> np.ndarray:
+        if seen is not None:
+            seen.append(inputs)
+        return np.full((len(inputs), 1), risk, np.float32)
+
+    return SetRisk(model, cut)
+
+
+def test_with_a_set_risk_model_its_risk_above_the_cut_flags_the_set_uncertain() -> None:
+    p = scores(Nucleoplasm=0.9)
+    trust = Trust(set_calibration=linear_calibration(cut=0.0), set_risk=fixed_risk(0.8))
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, trust, None)
+    assert verdict.reasons == ["uncertain_set"]
+    assert verdict.set_risk == pytest.approx(0.8)
+
+
+def test_with_a_set_risk_model_the_set_confidence_cut_no_longer_decides() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.55)  # a set the calibration alone would flag
+    trust = Trust(set_calibration=linear_calibration(cut=0.99), set_risk=fixed_risk(0.3))
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, trust, None)
+    assert verdict.reasons == []
+    assert verdict.set_confidence is not None
+    assert verdict.set_confidence < 0.99
+
+
+def test_the_set_risk_model_reads_the_scores_the_log_set_confidence_and_the_label_count() -> None:
+    p = scores(Nucleoplasm=0.9, Cytosol=0.6)
+    seen: list[np.ndarray] = []
+    trust = Trust(set_calibration=linear_calibration(), set_risk=fixed_risk(0.1, seen=seen))
+    verdict = review(p, p >= THRESHOLDS, THRESHOLDS, trust, None)
+    (inputs,) = seen
+    assert verdict.set_confidence is not None
+    assert inputs.shape == (1, SET_RISK_INPUTS)
+    assert inputs.dtype == np.float32
+    assert inputs[0, :N] == pytest.approx(p)
+    assert inputs[0, N] == pytest.approx(np.log(verdict.set_confidence), rel=1e-6)
+    assert inputs[0, N + 1] == 2
+
+
+def test_risk_inputs_never_take_the_log_of_zero() -> None:
+    inputs = risk_inputs(np.zeros((2, N)), np.zeros((2, N), bool), np.array([0.0, 1.0]))
+    assert np.all(np.isfinite(inputs))
+    assert inputs[1, N] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "other"}, "method"),
+        ({"version": 2}, "version"),
+        ({"inputs": 28}, "inputs"),
+        ({"cut": 1.5}, "cut"),
+    ],
+)
+def test_a_malformed_set_risk_entry_is_refused(change: dict[str, object], message: str) -> None:
+    entry = {"method": SET_RISK_METHOD, "version": 1, "inputs": SET_RISK_INPUTS, "cut": 0.7, **change}
+    with pytest.raises(ValueError, match=message):
+        read_set_risk(entry, fixed_risk(0.5).model)
 
 
 # The bundle's optional trust entries -------------------------------------------------------

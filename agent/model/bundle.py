@@ -32,7 +32,7 @@ from agent.model import features as feature_recipes
 from agent.model import thresholds as threshold_rule
 from agent.model.features import FeatureError, Recipe
 from agent.model.novelty import NoveltyReference
-from agent.model.review import Trust, read_set_calibration
+from agent.model.review import SET_RISK_INPUTS, Trust, read_set_calibration, read_set_risk
 from agent.model.runtimes import Classifier, Embedder, load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.stacks import heap
@@ -243,8 +243,8 @@ STATUSES = ("trained", "not trained", "not predicted")
 
 
 def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust:
-    """The optional `locations`, `novelty`, `quality` and `set_confidence` entries; BundleError
-    when malformed."""
+    """The optional `locations`, `novelty`, `quality`, `set_confidence` and `set_risk` entries;
+    BundleError when malformed."""
     where = folder / MANIFEST
     margins = np.zeros(len(LOCATIONS))
     available = np.ones(len(LOCATIONS), dtype=bool)
@@ -283,7 +283,25 @@ def read_trust(folder: Path, manifest: dict[str, Any], n_features: int) -> Trust
             set_calibration = read_set_calibration(manifest["set_confidence"])
         except ValueError as exc:
             raise BundleError(f"{where}: set_confidence: {exc}") from None
-    return Trust(margins, available, reference, limit, quality, set_calibration)
+    set_risk = None
+    if "set_risk" in manifest:
+        if set_calibration is None or "set_risk" not in manifest["files"]:
+            raise BundleError(f"{where}: set_risk needs a set_confidence entry and a set_risk file")
+        path = folder / manifest["files"]["set_risk"]["path"]
+        try:
+            model = load_classifier(path, threads=1)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"{path}: the set-risk model does not load: {exc}") from None
+        if (model.n_features, model.n_outputs) != (SET_RISK_INPUTS, 1):
+            raise BundleError(
+                f"{path}: maps {model.n_features} inputs to {model.n_outputs} outputs, "
+                f"not {SET_RISK_INPUTS} to 1"
+            )
+        try:
+            set_risk = read_set_risk(manifest["set_risk"], model)
+        except ValueError as exc:
+            raise BundleError(f"{where}: set_risk: {exc}") from None
+    return Trust(margins, available, reference, limit, quality, set_calibration, set_risk)
 
 
 def golden_paths(folder: Path, stack_id: str) -> dict[str, Path]:

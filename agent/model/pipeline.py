@@ -169,6 +169,7 @@ class Pipeline:
                 "set_confidence": (
                     None if verdict.set_confidence is None else round(verdict.set_confidence, 4)
                 ),
+                "set_risk": None if verdict.set_risk is None else round(verdict.set_risk, 4),
                 "unavailable": trust.unavailable,
                 **{f"quality_{name}": round(float(value), 6) for name, value in ready.quality.items()},
             },

@@ -54,6 +54,7 @@ from agent.model.bundle import (
     load_bundle,
 )
 from agent.model.features import FeatureError, Recipe
+from agent.model.review import SET_RISK_INPUTS, read_set_calibration, risk_inputs
 from agent.model.runtimes import load_classifier, load_embedder
 from agent.model.similarity import cosine
 from agent.model.thresholds import apply
@@ -65,9 +66,10 @@ from export.conversion.convert import QUANTIZATIONS, forests_to_onnx, to_tflite
 from export.data.dataset import Dataset, DatasetError
 from export.features.backbones import LITE0_LICENCE, BackboneError, BackboneSpec, build
 from export.features.embed import EMBEDDER_FILE, EmbedderFileError, read_embedder
+from export.training.flagging import SetRiskModel
 from export.training.forests import ForestSettings, LocationForests
 from export.training.metrics import bootstrap_f1, bootstrap_weights, interval, macro_f1, nanmean_rows
-from export.training.train import HELD_OUT, novelty_entry
+from export.training.train import HELD_OUT, SET_RISK_FILE, novelty_entry
 
 PARITY_TOLERANCE = 1e-5
 GOLDEN_TOLERANCE = {"min_cosine": 0.995, "max_probability_difference": 0.05}
@@ -89,6 +91,7 @@ class Trained:
     prep: Preprocessing
     features: Recipe = feature_recipes.LEGACY  # embedding -> the classifiers' input
     embedder: Path | None = None  # the converted file the forests were trained on, if any
+    set_risk: SetRiskModel | None = None  # the review flag's set-risk model, if training fitted one
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -146,7 +149,47 @@ def read_model(folder: Path, weights: str | None) -> Trained:
             f"{folder}: the classifiers take {n_features} values, recipe {recipe.name} v{recipe.version} "
             f"gives {width}"
         )
-    return Trained(folder, meta, classifier, spec, prep, recipe, _trained_embedder(folder, key))
+    return Trained(
+        folder, meta, classifier, spec, prep, recipe, _trained_embedder(folder, key), _set_risk(folder, meta)
+    )
+
+
+def _set_risk(folder: Path, meta: dict[str, Any]) -> SetRiskModel | None:
+    """The model folder's set-risk model, when model.json names one (trained since it exists)."""
+    if "set_risk" not in meta:
+        return None
+    try:
+        with (folder / SET_RISK_FILE).open("rb") as handle:
+            model = pickle.load(handle)  # our own training output, on the workstation only
+    except (OSError, pickle.UnpicklingError) as exc:
+        raise ExportError(f"{folder}: model.json names a set-risk model, but {exc}") from None
+    if not isinstance(model, SetRiskModel) or model.manifest_entry() != meta["set_risk"]:
+        raise ExportError(f"{folder}: {SET_RISK_FILE} is not the set-risk model model.json describes")
+    return model
+
+
+def set_risk_onnx(trained: Trained) -> bytes | None:
+    """The set-risk model as the ONNX graph the device runs, checked against scikit-learn on the
+    training stacks' out-of-fold inputs (the rows it was fitted on)."""
+    if trained.set_risk is None:
+        return None
+    onnx = forests_to_onnx([trained.set_risk.model_], SET_RISK_INPUTS)
+    scores = np.asarray(trained.classifier.oof_scores_)
+    labels = apply(scores, trained.thresholds)
+    calibration = read_set_calibration(trained.meta["set_confidence"])
+    confidence = np.array([calibration.confidence(s, x) for s, x in zip(scores, labels, strict=True)])
+    inputs = risk_inputs(scores, labels, confidence)
+    ours = load_classifier(onnx)(inputs)[:, 0]
+    theirs = trained.set_risk.predict_proba(inputs)[:, 1]
+    difference = float(np.max(np.abs(ours - theirs)))
+    cut = trained.set_risk.cut_
+    flips = int(np.sum((ours > cut) != (theirs > cut)))
+    print(
+        f"export: set-risk model, ONNX vs scikit-learn: max difference {difference:.2e}, {flips} flag flips"
+    )
+    if difference > PARITY_TOLERANCE:
+        raise ExportError(f"the set-risk model's ONNX graph disagrees with scikit-learn ({difference:.2e})")
+    return onnx
 
 
 def _trained_embedder(folder: Path, key: dict[str, Any]) -> Path | None:
@@ -340,11 +383,15 @@ def write_bundle(
     report: dict[str, Any],
     purpose: str,
     quality_reference: dict[str, Any] | None = None,
+    set_risk: bytes | None = None,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"embedder": "embedder.tflite", "classifiers": "classifiers.onnx", "golden": "golden.npz"}
     (out / files["embedder"]).write_bytes(tflite)
     (out / files["classifiers"]).write_bytes(onnx)
+    if set_risk is not None:
+        files["set_risk"] = "set_risk.onnx"
+        (out / files["set_risk"]).write_bytes(set_risk)
     golden_files, golden = write_golden(out, dataset, golden_ids, trained, tflite, onnx)
     files.update(golden_files)
     with (out / files["golden"]).open("wb") as handle:
@@ -409,6 +456,8 @@ def write_bundle(
         manifest["novelty"] = novelty
     if "set_confidence" in trained.meta:  # models trained before the set-confidence flag lack it
         manifest["set_confidence"] = trained.meta["set_confidence"]
+    if set_risk is not None:
+        manifest["set_risk"] = trained.meta["set_risk"]
     if quality_reference is not None:
         manifest["quality"] = {"reference": quality_reference}
     partial = out / f".{MANIFEST}.tmp"
@@ -534,7 +583,7 @@ def export(args: argparse.Namespace) -> int:
     golden_ids = held_ids[: args.golden]
     write_bundle(
         args.out, trained, tflite, onnx, golden_ids, dataset, quantization, report, args.purpose,
-        quality_reference,
+        quality_reference, set_risk_onnx(trained),
     )  # fmt: skip
     bundle = load_bundle(args.out)
     if deployed is not None:

@@ -46,7 +46,7 @@ from export.data.split import train_test_split
 from export.features.embed import CacheError, EmbeddingCache, Embeddings, embedder_sidecar
 from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
-from export.training.flagging import SetConfidence
+from export.training.flagging import SetConfidence, SetRiskModel
 from export.training.folds import out_of_fold
 from export.training.forests import (
     DEFAULT_FOLDS,
@@ -61,6 +61,7 @@ from export.training.forests import (
 from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, TRAINED, best_thresholds
 
 HELD_OUT = "held_out.npz"  # the test split's ids and the probabilities its figures come from
+SET_RISK_FILE = "set_risk.pkl"  # the review flag's SetRiskModel, when training fitted one
 MODEL_FORMAT = 2  # 2: classifiers.pkl holds a LocationForests (1: a list of 28 forests or None)
 ORIGINAL_THRESHOLD = 0.5  # the original study's one threshold for every location
 JOINT_PAIR = (0, 25)  # Nucleoplasm, Cytosol: the two most frequent locations
@@ -112,6 +113,7 @@ class TrainedModel:
     test_ids: list[str]
     test_probabilities: np.ndarray  # N_test x 28: what the evaluation scored, for export's check
     set_confidence: dict[str, Any]  # the manifest's entry for the review flag (`SetConfidence`)
+    set_risk: SetRiskModel | None = None  # the flag's set-risk model (None: too few wrong or right sets)
 
 
 def join(
@@ -148,6 +150,7 @@ def train(
         classifier.thresholds_,
         available=np.array([status == TRAINED for status in classifier.status_]),
     )
+    set_risk = fit_set_risk(classifier, y_train, set_confidence, settings)
     test_probabilities = classifier.predict_proba(x_test)
     ours = apply(test_probabilities, classifier.thresholds_)
     original_scores = predict_scores(
@@ -183,6 +186,13 @@ def train(
             "cut": round(float(set_confidence.cut_), 6),
             "flagged_share": round(set_confidence.flagged_share_, 4),
             "uncertain_share": round(set_confidence.uncertain_share_, 4),
+            "set_risk": None
+            if set_risk is None
+            else {
+                "cut": round(float(set_risk.cut_), 6),
+                "flagged_share": round(set_risk.flagged_share_, 4),
+                "uncertain_share": round(set_risk.uncertain_share_, 4),
+            },
         },
         "experiments": {},
     }
@@ -197,7 +207,22 @@ def train(
         [ids[i] for i in test_rows],
         test_probabilities,
         set_confidence.manifest_entry(LOCATIONS),
+        set_risk,
     )
+
+
+def fit_set_risk(
+    classifier: LocationForests, y_train: np.ndarray, set_confidence: SetConfidence, settings: TrainSettings
+) -> SetRiskModel | None:
+    """The set-risk model on the out-of-fold scores, or None (said) when the training label sets
+    are all right or all wrong out of fold, so the flag keeps the set confidence's cut."""
+    try:
+        return SetRiskModel(seed=settings.seed, jobs=settings.forest.jobs).fit(
+            classifier.oof_scores_, y_train, classifier.thresholds_, set_confidence.confidence_
+        )
+    except ValueError as exc:
+        print(f"train: no set-risk model ({exc}); the review flag uses the set confidence's cut")
+        return None
 
 
 def novelty_entry(classifier: LocationForests) -> dict[str, Any]:
@@ -281,6 +306,10 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     with (out / "classifiers.pkl").open("wb") as handle:
         pickle.dump(model.classifier, handle, protocol=5)
+    (out / SET_RISK_FILE).unlink(missing_ok=True)
+    if model.set_risk is not None:
+        with (out / SET_RISK_FILE).open("wb") as handle:
+            pickle.dump(model.set_risk, handle, protocol=5)
     with (out / HELD_OUT).open("wb") as handle:
         np.savez(handle, ids=np.asarray(model.test_ids), probabilities=model.test_probabilities)
     if embedder is not None:
@@ -298,6 +327,7 @@ def save(
         "locations": model.classifier.location_rows(LOCATIONS),
         "novelty": novelty_entry(model.classifier),
         "set_confidence": model.set_confidence,
+        **({} if model.set_risk is None else {"set_risk": model.set_risk.manifest_entry()}),
         "embedding": key,
         "settings": {
             "forest": settings.forest.to_dict(),
