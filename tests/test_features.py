@@ -262,6 +262,43 @@ def test_differences_of_gaussians_are_two_opencv_blurs_exactly(size: int) -> Non
         np.testing.assert_array_equal(dog, expected)
 
 
+@pytest.mark.parametrize("level", [-1.0, 0.0, 0.02, 0.5, 2.0])
+def test_the_blob_percentile_is_the_one_a_full_sort_gives_whatever_the_level(level: float) -> None:
+    rng = np.random.default_rng(int(level * 100) + 107)
+    for values in (
+        rng.normal(0, 0.3, 5000).astype(np.float32),
+        np.round(rng.normal(0, 0.3, 997), 1).astype(np.float32),  # ties, some on the level
+        np.zeros(1, np.float32),
+        np.array([0.5, -0.5], np.float32),
+        rng.normal(0, 0.3, 101).astype(np.float32),  # the percentile's ranks at the last two
+    ):
+        found = features._percentile_and_share(values.copy(), 99.0, level)
+        ordered = np.sort(values)
+        position = (values.size - 1) * 0.99
+        low = int(position)
+        a = float(ordered[low])
+        b = float(ordered[min(low + 1, values.size - 1)])
+        assert found == [a + (b - a) * (position - low), np.count_nonzero(values > level) / values.size]
+
+
+def test_the_measuring_tasks_give_the_same_vector_on_one_thread_or_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = _stacks_of_every_size(seed=11, step=5)
+    split = [(hand_features(image), hand2_features(image)) for image in images]
+
+    def one_thread(tasks: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for task in tasks:
+            found.update(task())
+        return found
+
+    monkeypatch.setattr(features, "_run_split", one_thread)
+    for image, (v1, v2) in zip(images, split, strict=True):
+        assert np.array_equal(hand_features(image), v1)
+        assert np.array_equal(hand2_features(image), v2)
+
+
 # ------------------------------------------------------------------ hand-rgb2: the extra parts
 
 

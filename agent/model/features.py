@@ -44,8 +44,8 @@ difference) are the building blocks of region-pooled backbone features; they are
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,14 +164,36 @@ def hand_features(image: np.ndarray, params: Mapping[str, Any] = HAND_PARAMS) ->
     direct per-mask computation to float rounding: tests/test_features.py keeps that plain
     version and compares them on synthetic stacks of every size and on the 101 real ones.
     """
+    return _hand_vector(image, params, extra=False)
+
+
+def _hand_vector(image: np.ndarray, params: Mapping[str, Any], extra: bool) -> np.ndarray:
+    """`hand_features` (`extra` False) or `hand2_features`: the masks, every measure that reads
+    pixels as one task of `_run_split`, then the numbers the histograms and those tasks give.
+
+    Every number is computed by the same operations, in the same order, as before the tasks
+    were split out (2026-12-04), whichever thread runs its task: the vectors are the same bit
+    for bit (tests/test_features.py runs the tasks on one thread and on two). Each task's
+    temporary planes are freed when it ends, so the heap peaks lower: with each stack decoded
+    before it (as in the agent, 512 px PNGs), glibc no longer gives the heap's top back and
+    faults it in again on every stack: about 450 -> 0-40 minor page faults per stack for
+    `hand-rgb2`, which had cost the earlier code 0.8-2.4 ms on the 2-core test machine.
+    """
     planes = _HandPlanes.of(image, params)
-    blobs = _blobs_beside(planes, params)
-    return np.asarray(_hand_values(planes, params, blobs.result()), dtype=np.float32)
+    levels = _Levels.of(planes) if extra else None
+    measured = _run_split(_pixel_tasks(planes, params, levels))
+    blobs = [value for sigma in params["dog_sigmas"] for value in measured[f"blobs {float(sigma)}"]]
+    values = _hand_values(planes, params, blobs, measured["moments"])
+    if levels is not None:
+        values += extra_values(planes, params, levels, measured)
+    return np.asarray(values, dtype=np.float32)
 
 
 @dataclass
 class _HandPlanes:
-    """What `hand-rgb` v1 derives from an image before measuring, shared with `hand-rgb2`."""
+    """What `hand-rgb` v1 derives from an image before measuring, shared with `hand-rgb2`: the
+    planes, the masks, the histograms of green per region code and per region, and the pixels
+    of the two regions the blob statistics and the moments read."""
 
     g8: np.ndarray
     r8: np.ndarray
@@ -180,7 +202,15 @@ class _HandPlanes:
     blue: np.ndarray
     nucleus: np.ndarray  # bool
     cell: np.ndarray  # bool, holds the nucleus
+    cytoplasm: np.ndarray  # bool: cell and not nucleus
     joint: np.ndarray  # int64 16 x 256: pixels per (region code, green value)
+    regions: np.ndarray  # int64 5 x 256: green histogram per region of HAND_REGIONS
+    # Flat indices of the nucleus's and the cytoplasm's pixels: the blob statistics and the
+    # moments gather 7 planes at each (4 differences of Gaussians, 3 colour planes), and
+    # np.take at the indices takes a quarter of np.compress's time with the mask (8 against 32
+    # us at 224 px).
+    nucleus_at: np.ndarray
+    cytoplasm_at: np.ndarray
 
     @classmethod
     def of(cls, image: np.ndarray, params: Mapping[str, Any]) -> _HandPlanes:
@@ -194,32 +224,129 @@ class _HandPlanes:
         codes = region_codes(nucleus, cell, int(params["rim_kernel"]))
         # Pixels per (code, green value); float32 counts are exact below 2**24 pixels.
         joint = cv2.calcHist([codes, g8], [0, 1], None, [16, 256], [0, 16, 0, 256]).astype(np.int64)
-        return cls(g8, r8, b8, green, blue, nucleus, cell, joint)
+        cytoplasm = cell & ~nucleus
+        return cls(
+            g8,
+            r8,
+            b8,
+            green,
+            blue,
+            nucleus,
+            cell,
+            cytoplasm,
+            joint,
+            _REGION_CODES @ joint,
+            np.flatnonzero(nucleus),
+            np.flatnonzero(cytoplasm),
+        )
+
+    @property
+    def n8(self) -> np.ndarray:
+        """The nucleus as OpenCV's 0/1 uint8 mask (a view)."""
+        return self.nucleus.view(np.uint8)
+
+    @property
+    def y8(self) -> np.ndarray:
+        """The cytoplasm as OpenCV's 0/1 uint8 mask (a view)."""
+        return self.cytoplasm.view(np.uint8)
 
 
-def _blobs_beside(planes: _HandPlanes, params: Mapping[str, Any]) -> Future[list[float]]:
-    """`blob_stats` on the `recipe-blobs` thread while the caller measures the rest.
+@dataclass(frozen=True)
+class _Levels:
+    """Per region of HAND_REGIONS, from the green histograms: pixels (int64), the sum of green
+    (float64, exact) and its mean (0 for an empty region); the cell's green mean."""
 
-    The eight blurs are the recipe's largest single cost, and OpenCV (like numpy's partial
-    sorts) releases the GIL: on the 2-core test machine the recipe takes 0.67x its time on one
-    thread (docs/benchmark.md). Two workers, so two stacks in flight never queue behind each
-    other.
+    counts: np.ndarray
+    sums: np.ndarray
+    means: np.ndarray
+    cell_mean: float
+
+    @classmethod
+    def of(cls, planes: _HandPlanes) -> _Levels:
+        counts, sums = planes.regions.sum(axis=1), planes.regions @ _UNIT64
+        in_cell = planes.joint[_CODES & 2 > 0].sum(axis=0)
+        cell_mean = _ratio(float(in_cell @ _UNIT64), float(in_cell.sum()))
+        return cls(counts, sums, sums / np.maximum(counts, 1), cell_mean)
+
+
+def _pixel_tasks(
+    planes: _HandPlanes, params: Mapping[str, Any], levels: _Levels | None
+) -> list[Callable[[], dict[str, Any]]]:
+    """What reads pixels after the masks, as independent tasks for `_run_split`, each giving
+    named results: the difference of Gaussians per sigma (`blobs SIGMA`) and the colocalisation
+    moments (`hand-rgb` v1); with `levels`, `hand-rgb2`'s radial bands, local spread, gradient,
+    granularity (`tops`), holes and nuclei too.
+
+    Longest first, so that the two threads end close together. Medians at 224 px on the 2-core
+    test machine, one core (ms): the sigma-6 pair 1.0, radial 0.6, the sigma-1.5 pair with the
+    local spread (which shares its first blur) 0.46, the sigma-3 pair 0.45, tops 0.31, holes
+    0.24, nuclei 0.22, gradient 0.2, the sigma-0.8 pair 0.18, moments 0.17.
     """
-    return pool("recipe-blobs", 2).submit(
-        blob_stats,
-        planes.green,
-        (planes.nucleus, planes.cell & ~planes.nucleus),
-        [float(s) for s in params["dog_sigmas"]],
-        float(params["dog_ratio"]),
-        float(params["dog_level"]),
-    )
+    sigmas = sorted((float(s) for s in params["dog_sigmas"]), reverse=True)
+    ratio, level = float(params["dog_ratio"]), float(params["dog_level"])
+    # The local spread's mean is a blur of green by texture_sigma: the narrow blur of the
+    # difference of Gaussians at that sigma when there is one (the same call, the same pixels).
+    spread = float(params["texture_sigma"]) if levels is not None else None
+    widest, *dogs = [
+        functools.partial(_blob_task, planes, sigma, ratio, level, sigma == spread) for sigma in sigmas
+    ]
+    narrowest = dogs[-1:]
+    tasks: list[Callable[[], dict[str, Any]]] = [widest]
+    if levels is not None:
+        tasks.append(functools.partial(_radial, planes, params, levels.cell_mean))
+    tasks += dogs[:-1]
+    if levels is not None:
+        if spread is not None and spread not in sigmas:
+            tasks.append(functools.partial(_local_spread, planes, spread, None))
+        tasks += [
+            functools.partial(_tops, planes, params),
+            functools.partial(_holes, planes, params),
+            functools.partial(_nuclei, planes, params, float(levels.means[1])),
+            functools.partial(_gradient, planes),
+        ]
+    return [*tasks, *narrowest, functools.partial(_region_moments, planes)]
 
 
-def _hand_values(planes: _HandPlanes, params: Mapping[str, Any], blobs: list[float]) -> list[float]:
-    """`hand_features`' numbers from the shared planes and `blob_stats`' (see `_blobs_beside`)."""
-    g8, r8, b8, joint = planes.g8, planes.r8, planes.b8, planes.joint
-    values = region_green(_REGION_CODES @ joint, joint.sum(axis=0), float(params["bright_sigmas"]))
-    values += colocalisation(g8, (r8, b8), planes.cell)
+def _run_split(tasks: Sequence[Callable[[], Mapping[str, Any]]]) -> dict[str, Any]:
+    """Every task's named results, the tasks shared between this thread and one `recipe-blobs`
+    worker: each thread takes the next task not yet begun, in the given order, until none is left.
+
+    OpenCV (like numpy's larger operations) releases the GIL, so on two free cores the recipe
+    takes about the time of the longer share. On a busy machine, when the worker starts late or
+    not at all, this thread simply does more of the tasks: it never waits for one that has not
+    begun, and a worker still queued behind other stacks' when this thread is done is cancelled.
+    (Until 2026-12 the worker had a fixed part, the differences of Gaussians: 2.2 ms at 224 px
+    against the caller's 3.5 for `hand-rgb2` and 0.9 for `hand-rgb` v1.) Two workers, so two
+    stacks in flight never queue behind each other.
+    """
+    pending = deque(tasks)
+    found: dict[str, Any] = {}
+
+    def work() -> None:
+        while True:
+            try:
+                task = pending.popleft()  # atomic: the two threads never take the same task
+            except IndexError:
+                return
+            found.update(task())
+
+    helper = pool("recipe-blobs", 2).submit(work)
+    try:
+        work()
+    finally:
+        if not helper.cancel():  # begun: it finishes the task it holds
+            helper.result()
+    return found
+
+
+def _hand_values(
+    planes: _HandPlanes, params: Mapping[str, Any], blobs: list[float], moments: tuple[_Moments, _Moments]
+) -> list[float]:
+    """`hand_features`' numbers from the shared planes, the blob statistics and the moments."""
+    joint = planes.joint
+    values = region_green(planes.regions, joint.sum(axis=0), float(params["bright_sigmas"]))
+    in_cell = moments[0] + moments[1]
+    values += [in_cell.correlation(1), in_cell.correlation(2)]  # green with red, then blue
     values += blobs
     values += histogram_percentiles(joint.sum(axis=0), [float(q) for q in params["percentiles"]])
     pixels = float(joint.sum())
@@ -277,65 +404,115 @@ def region_green(histograms: np.ndarray, everywhere: np.ndarray, bright_sigmas: 
 def colocalisation(green: np.ndarray, others: Sequence[np.ndarray], mask: np.ndarray) -> list[float]:
     """Pearson correlation of green with each other uint8 plane inside the mask (0 if undefined).
 
-    Computed on the integer pixel values: n * sum(xy) - sum(x) sum(y) is then exact in float64
-    (up to about 2**53 / 255**2 = 138 million pixels), so a constant plane gives exactly 0.
+    Computed on the integer pixel values (`_Moments`), so a constant plane gives exactly 0.
     """
-    n = int(np.count_nonzero(mask))
-    planes = np.empty((1 + len(others), n))
-    for row, plane in zip(planes, (green, *others), strict=True):
-        row[:] = plane[mask]
-    if n < 2:
-        return [0.0] * len(others)
-    sums = planes.sum(axis=1)
-    moments = n * (planes @ planes.T) - np.outer(sums, sums)
-    return [
-        float(moments[0, i] / np.sqrt(moments[0, 0] * moments[i, i]))
-        if moments[0, 0] and moments[i, i]
-        else 0.0
-        for i in range(1, len(planes))
-    ]
+    found = _Moments.of((green, *others), mask)
+    return [found.correlation(i) for i in range(1, 1 + len(others))]
 
 
-def blob_stats(
-    green: np.ndarray, regions: Sequence[np.ndarray], sigmas: Sequence[float], ratio: float, level: float
-) -> list[float]:
-    """Per difference-of-Gaussians sigma, per region: 99th percentile and fraction above level."""
-    dogs = differences_of_gaussians(green, sigmas, ratio).reshape(len(sigmas), -1)
-    found = []
-    for mask in regions:
-        inside = np.compress(mask.ravel(), dogs, axis=1)  # one gather for all sigmas
-        if inside.shape[1] == 0:
-            inside = np.zeros((len(sigmas), 1), np.float32)
-        found.append(
-            [(_percentile(part, 99.0), np.count_nonzero(part > level) / part.size) for part in inside]
+@dataclass(frozen=True)
+class _Moments:
+    """Sums over one region of some uint8 planes' values (one row each) and of their pairwise
+    products, for correlations: exact integers in float64 (up to about 2**53 / 255**2 = 138
+    million pixels), so the moments of two disjoint regions add up to those of their union
+    exactly, and `correlation` gives the same number however the region was cut."""
+
+    count: int
+    sums: np.ndarray  # float64, one per plane
+    products: np.ndarray  # float64, planes x planes
+
+    @classmethod
+    def of(cls, planes: Sequence[np.ndarray], mask: np.ndarray) -> _Moments:
+        """Over the pixels of a boolean mask."""
+        return cls.at(planes, np.flatnonzero(mask))
+
+    @classmethod
+    def at(cls, planes: Sequence[np.ndarray], where: np.ndarray) -> _Moments:
+        """Over the pixels at these flat indices."""
+        values = np.empty((len(planes), len(where)))
+        for row, plane in zip(values, planes, strict=True):
+            row[:] = plane.ravel()[where]
+        return cls(len(where), values.sum(axis=1), values @ values.T)
+
+    def __add__(self, other: _Moments) -> _Moments:
+        return _Moments(self.count + other.count, self.sums + other.sums, self.products + other.products)
+
+    def correlation(self, i: int) -> float:
+        """Pearson correlation of plane 0 with plane i (0 if undefined): n * sum(xy) - sum(x) sum(y)
+        over the square roots of the same for x and for y."""
+        if self.count < 2:
+            return 0.0
+        moments = self.count * self.products - np.outer(self.sums, self.sums)
+        return (
+            float(moments[0, i] / np.sqrt(moments[0, 0] * moments[i, i]))
+            if moments[0, 0] and moments[i, i]
+            else 0.0
         )
-    return [value for s in range(len(sigmas)) for region in found for value in region[s]]
+
+
+def _region_moments(planes: _HandPlanes) -> dict[str, tuple[_Moments, _Moments]]:
+    """`moments`: green, red and blue in the nucleus, then in the cytoplasm. `hand-rgb` v1
+    correlates green with red and with blue in the cell (their sum), `hand-rgb2` with blue in
+    the nucleus and with red in the cytoplasm: one gather of each pixel instead of five."""
+    rows = (planes.g8, planes.r8, planes.b8)
+    return {"moments": (_Moments.at(rows, planes.nucleus_at), _Moments.at(rows, planes.cytoplasm_at))}
+
+
+def _blob_task(
+    planes: _HandPlanes, sigma: float, ratio: float, level: float, spread: bool
+) -> dict[str, list[float]]:
+    """`blobs SIGMA`: in the nucleus then the cytoplasm, the 99th percentile of the difference of
+    Gaussians (sigma, sigma * ratio) and the fraction above level; with `spread`, `hand-rgb2`'s
+    local spread too (`_local_spread`), from the same blur by sigma."""
+    narrow = cv2.GaussianBlur(planes.green, (0, 0), sigma)
+    found = _local_spread(planes, sigma, narrow) if spread else {}
+    dog = difference_of_gaussians(planes.green, sigma, ratio, narrow).ravel()
+    del narrow
+    values: list[float] = []
+    for where in (planes.nucleus_at, planes.cytoplasm_at):
+        inside = np.take(dog, where)
+        values += _percentile_and_share(inside if inside.size else np.zeros(1, np.float32), 99.0, level)
+    found[f"blobs {sigma}"] = values
+    return found
+
+
+def difference_of_gaussians(
+    green: np.ndarray, sigma: float, ratio: float, narrow: np.ndarray | None = None
+) -> np.ndarray:
+    """float32: GaussianBlur(sigma) - GaussianBlur(sigma * ratio), two direct separable blurs;
+    `narrow`, when given, is the first one already made. (Until 2026-12-04 the wide pairs went
+    through one shared DFT, equal to float32 rounding; on the 2-core AMD test machine the
+    direct blurs take 0.71x that time at 224 px, see docs/benchmark.md.)"""
+    if narrow is None:
+        narrow = cv2.GaussianBlur(green, (0, 0), sigma)
+    wide = cv2.GaussianBlur(green, (0, 0), sigma * ratio)
+    found: np.ndarray = np.subtract(narrow, wide, out=wide)
+    return found
 
 
 def differences_of_gaussians(green: np.ndarray, sigmas: Sequence[float], ratio: float) -> np.ndarray:
-    """float32 len(sigmas) x H x W: GaussianBlur(sigma) - GaussianBlur(sigma * ratio) per sigma.
+    """float32 len(sigmas) x H x W: `difference_of_gaussians` per sigma."""
+    return np.stack([difference_of_gaussians(green, sigma, ratio) for sigma in sigmas])
 
-    Two direct separable blurs per pair. (Until 2026-12-04 the wide pairs went through one
-    shared DFT, equal to float32 rounding; on the 2-core AMD test machine the eight direct blurs
-    take 0.71x that time at 224 px, see docs/benchmark.md.)
+
+def _percentile_and_share(values: np.ndarray, q: float, level: float) -> list[float]:
+    """np.percentile(values, q) (linear interpolation) and the share of values above level.
+
+    From one partial sort in place (values may be reordered) and the minimum of what lies
+    above it: a third of np.percentile's time. When the two ranks around the percentile lie
+    above level (q = 99 and a level most pixels stay below), only the values above it are
+    sorted: the same two values, from a tenth of the pixels (0.4 -> 0.15 ms per stack at 224 px).
     """
-    out = np.empty((len(sigmas), *green.shape), np.float32)
-    for i, sigma in enumerate(sigmas):
-        np.subtract(
-            cv2.GaussianBlur(green, (0, 0), sigma), cv2.GaussianBlur(green, (0, 0), sigma * ratio), out=out[i]
-        )
-    return out
-
-
-def _percentile(values: np.ndarray, q: float) -> float:
-    """np.percentile(values, q) (linear interpolation), from one partial sort in place (values
-    are reordered) and the minimum of what lies above: a third of np.percentile's time here."""
+    above = values > level
+    count = int(np.count_nonzero(above))
     position = (values.size - 1) * (q / 100)
     low = int(position)
-    values.partition(low)
-    a = float(values[low])
-    b = float(values[low + 1 :].min()) if low + 1 < values.size else a
-    return a + (b - a) * (position - low)
+    below = values.size - count  # values <= level: the lowest ranks
+    candidates, rank = (values[above], low - below) if low >= below else (values, low)
+    candidates.partition(rank)
+    a = float(candidates[rank])
+    b = float(candidates[rank + 1 :].min()) if rank + 1 < candidates.size else a
+    return [a + (b - a) * (position - low), count / values.size]
 
 
 def histogram_percentiles(counts: np.ndarray, qs: Sequence[float]) -> list[float]:
@@ -413,18 +590,18 @@ def hand2_layout(params: Mapping[str, Any]) -> list[tuple[str, int, str]]:
 
 def hand2_features(image: np.ndarray, params: Mapping[str, Any] = HAND2_PARAMS) -> np.ndarray:
     """81 numbers (see `hand2_layout`): `hand_features`, then `extra_values`, from one set of masks."""
-    planes = _HandPlanes.of(image, params)
-    blobs = _blobs_beside(planes, params)
-    extra = extra_values(planes, params)
-    return np.asarray(_hand_values(planes, params, blobs.result()) + extra, dtype=np.float32)
+    return _hand_vector(image, params, extra=True)
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
-def extra_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
-    """`hand-rgb2`'s 37 numbers beyond `hand-rgb` v1 (see `hand2_layout`).
+def extra_values(
+    planes: _HandPlanes, params: Mapping[str, Any], levels: _Levels, measured: Mapping[str, Any]
+) -> list[float]:
+    """`hand-rgb2`'s 37 numbers beyond `hand-rgb` v1 (see `hand2_layout`), from the histograms
+    and what `_pixel_tasks` measured.
 
     Every mean and sum over a region comes from exact integer counts (joint histograms of a
     region code and the green value, per-component sums of uint8 values) or from one OpenCV
@@ -433,106 +610,31 @@ def extra_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
     OpenCV calls there. An empty region's mean is 0.
     """
     eps = float(params["eps"])
-    g8, green, nucleus, cell, joint = planes.g8, planes.green, planes.nucleus, planes.cell, planes.joint
-    n8: np.ndarray = nucleus.view(np.uint8)
-    cytoplasm = cell & ~nucleus
-    y8: np.ndarray = cytoplasm.view(np.uint8)
-    hist = _REGION_CODES @ joint  # nucleus, cytoplasm, nuclear rim, cell rim, background x 256
-    counts, sums = hist.sum(axis=1), hist @ _UNIT64
-    means = sums / np.maximum(counts, 1)
-    nucleus_mean, cytoplasm_mean = float(means[0]), float(means[1])
-    in_cell = joint[_CODES & 2 > 0].sum(axis=0)
-    cell_mean = _ratio(float(in_cell @ _UNIT64), float(in_cell.sum()))
+    counts, sums, means = levels.counts, levels.sums, levels.means
+    nucleus_mean, cytoplasm_mean, cell_mean = float(means[0]), float(means[1]), levels.cell_mean
 
-    # radial: one band code per pixel, one joint histogram with green
-    inner, outer = params["radial_inside"], params["radial_outside"]
-    # (3 x 3 mask distances; capped at the image's size, the distance when no pixel is on the
-    # other side: an image all nucleus, or without one)
-    reach = float(max(green.shape))
-    inside = np.minimum(cv2.distanceTransform(n8, cv2.DIST_L2, 3), reach)
-    outside = np.minimum(cv2.distanceTransform(1 - n8, cv2.DIST_L2, 3), reach)
-    bands = len(inner) + 1 + len(outer) + 1
-    band = np.full(green.shape, bands, np.uint8)  # outside every band
-    inner_band = sum(((inside > edge).view(np.uint8) for edge in inner), np.zeros_like(band))
-    outer_band = sum(((outside > edge).view(np.uint8) for edge in outer), np.full_like(band, len(inner) + 1))
-    np.copyto(band, inner_band, where=nucleus)
-    np.copyto(band, outer_band, where=cytoplasm)
-    by_band = cv2.calcHist([band, g8], [0, 1], None, [bands, 256], [0, bands, 0, 256]).astype(np.int64)
-    band_means = (by_band @ _UNIT64) / np.maximum(by_band.sum(axis=1), 1)
-    radial = [float(m) / (cell_mean + eps) for m in band_means]
-    # signed distance, outward positive: each transform is 0 where the other one measures
-    signed = cv2.subtract(outside, inside)
-    c8: np.ndarray = cell.view(np.uint8)
-    weighted = cv2.mean(cv2.multiply(signed, green), c8)[0] / cell_mean if cell_mean > 0 else None
-    radial.append(weighted - cv2.mean(signed, c8)[0] if weighted is not None else 0.0)
-
-    # texture and granularity (the three tops in one masked mean per region: a third of the time)
-    sigma = float(params["texture_sigma"])
-    local_mean = cv2.GaussianBlur(green, (0, 0), sigma)
-    local_var = cv2.subtract(
-        cv2.GaussianBlur(cv2.multiply(green, green), (0, 0), sigma), cv2.multiply(local_mean, local_mean)
-    )
-    local_std = cv2.sqrt(np.maximum(local_var, 0, out=local_var))
-    gradient = cv2.magnitude(cv2.Sobel(green, cv2.CV_32F, 1, 0), cv2.Sobel(green, cv2.CV_32F, 0, 1))
-    tops = cv2.merge(
-        [cv2.subtract(g8, cv2.morphologyEx(g8, cv2.MORPH_OPEN, _ellipse(int(k)))) for k in params["openings"]]
-    )
     texture = []
-    for mask, mean, count, total_green in (
-        (n8, nucleus_mean, counts[0], sums[0]),
-        (y8, cytoplasm_mean, counts[1], sums[1]),
-    ):
-        texture += [cv2.mean(plane, mask)[0] / (mean + eps) for plane in (local_std, gradient)]
-        texture += [
-            v * count / 255 / (total_green + eps) for v in cv2.mean(tops, mask)[: len(params["openings"])]
-        ]
+    for region, mean in enumerate((nucleus_mean, cytoplasm_mean)):
+        texture += [measured[part][region] / (mean + eps) for part in ("spread", "gradient")]
+        texture += [v * counts[region] / 255 / (sums[region] + eps) for v in measured["tops"][region]]
 
-    # nucleolus-like: dim blue holes in the nuclei
-    blue = planes.blue
-    holes = (
-        blue < float(params["hole_ratio"]) * cv2.GaussianBlur(blue, (0, 0), float(params["hole_blur"]))
-    ) & nucleus
-    h8: np.ndarray = holes.view(np.uint8)
-    hole_count = cv2.countNonZero(h8)
-    hole_mean = cv2.mean(green, h8)[0] if hole_count else 0.0
-    row = hist[0]
+    hole_count, hole_mean = measured["holes"]
+    row = planes.regions[0]
     median = _histogram_median8(row)
     above = np.arange(256) > float(params["nuclear_bright"]) * median  # in uint8 units, exact
     bright = float(row[above] @ _UNIT64[above])
+    in_nucleus, in_cytoplasm = measured["moments"]
     nucleolar = [
         hole_count / max(int(counts[0]), 1),
         hole_mean / (nucleus_mean + eps),
         hole_mean * hole_count / (float(sums[0]) + eps),
-        *colocalisation(g8, (planes.b8,), nucleus),
-        *colocalisation(g8, (planes.r8,), cytoplasm),
+        in_nucleus.correlation(2),  # green with blue
+        in_cytoplasm.correlation(1),  # green with red
         bright / (float(sums[0]) + eps),
     ]
 
-    # per connected nucleus: a joint histogram of (component, green value) gives exact sums
-    found, labels = cv2.connectedComponents(n8, connectivity=8)
-    if found <= 256:  # the usual case: uint8 labels
-        joint_nuclei = cv2.calcHist(
-            [labels.astype(np.uint8), g8], [0, 1], None, [found, 256], [0, found, 0, 256]
-        ).astype(np.float64)
-        area, s1, s2 = joint_nuclei.sum(axis=1), joint_nuclei @ _LEVELS, joint_nuclei @ _LEVELS**2
-    else:
-        flat, values = labels.ravel(), g8.ravel().astype(np.float64)
-        area = np.bincount(flat, minlength=found).astype(np.float64)
-        s1 = np.bincount(flat, weights=values, minlength=found).astype(np.float64)
-        s2 = np.bincount(flat, weights=values * values, minlength=found).astype(np.float64)
-    kept = np.flatnonzero(area >= int(params["min_nucleus"]))
-    kept = kept[kept > 0]
-    per = s1[kept] / area[kept] / 255
-    spread = np.sqrt(np.maximum(area[kept] * s2[kept] - s1[kept] ** 2, 0)) / area[kept] / 255
-    nuclei = [
-        len(kept) / float(params["nucleus_count_scale"]),
-        float(per.std() / (per.mean() + eps)) if len(kept) else 0.0,
-        float(np.mean(spread / (per + eps))) if len(kept) else 0.0,
-        float((per > float(params["bright_nucleus"]) * cytoplasm_mean).mean()) if len(kept) else 0.0,
-    ]
-
     # exposure-robust levels and ratios
-    top = histogram_percentiles(joint.sum(axis=0), [float(params["top_percentile"])])[0] + eps
+    top = histogram_percentiles(planes.joint.sum(axis=0), [float(params["top_percentile"])])[0] + eps
     ratios = [float(m) / top for m in means]
     ratios += [
         float(np.log((nucleus_mean + eps) / (cytoplasm_mean + eps))),
@@ -540,7 +642,131 @@ def extra_values(planes: _HandPlanes, params: Mapping[str, Any]) -> list[float]:
         float(np.log((float(means[3]) + eps) / (cytoplasm_mean + eps))),
         float(np.log(cell_mean + eps)),
     ]
-    return radial + texture + nucleolar + nuclei + ratios
+    return measured["radial"] + texture + nucleolar + measured["nuclei"] + ratios
+
+
+def _radial(planes: _HandPlanes, params: Mapping[str, Any], cell_mean: float) -> dict[str, list[float]]:
+    """`radial`: green per band of distance to the nucleus edge over the cell's mean, and the
+    green-weighted mean signed distance minus the cell's (one band code per pixel, one joint
+    histogram with green). The distance planes are reused for the signed distance and its
+    product with green: every 224 px float plane fewer is 49 pages the next stack does not
+    have to fault in again when glibc has given the heap's top back."""
+    eps = float(params["eps"])
+    green, n8 = planes.green, planes.n8
+    inner, outer = params["radial_inside"], params["radial_outside"]
+    # (3 x 3 mask distances; capped at the image's size, the distance when no pixel is on the
+    # other side: an image all nucleus, or without one)
+    reach = float(max(green.shape))
+    inside = cv2.distanceTransform(n8, cv2.DIST_L2, 3)
+    np.minimum(inside, reach, out=inside)
+    outside = cv2.distanceTransform(1 - n8, cv2.DIST_L2, 3)
+    np.minimum(outside, reach, out=outside)
+    bands = len(inner) + 1 + len(outer) + 1
+    band = np.full(green.shape, bands, np.uint8)  # outside every band
+    np.copyto(band, _bands(inside, inner, 0), where=planes.nucleus)
+    np.copyto(band, _bands(outside, outer, len(inner) + 1), where=planes.cytoplasm)
+    by_band = cv2.calcHist([band, planes.g8], [0, 1], None, [bands, 256], [0, bands, 0, 256]).astype(np.int64)
+    band_means = (by_band @ _UNIT64) / np.maximum(by_band.sum(axis=1), 1)
+    radial = [float(m) / (cell_mean + eps) for m in band_means]
+    # signed distance, outward positive: each transform is 0 where the other one measures
+    signed = cv2.subtract(outside, inside, dst=outside)
+    c8: np.ndarray = planes.cell.view(np.uint8)
+    weighted = cv2.mean(cv2.multiply(signed, green, dst=inside), c8)[0] / cell_mean if cell_mean > 0 else None
+    radial.append(weighted - cv2.mean(signed, c8)[0] if weighted is not None else 0.0)
+    return {"radial": radial}
+
+
+def _bands(distance: np.ndarray, edges: Sequence[float], first: int) -> np.ndarray:
+    """uint8 per pixel: first + the number of edges the distance is beyond."""
+    found = np.full(distance.shape, first, np.uint8)
+    for edge in edges:
+        found += distance > edge
+    return found
+
+
+def _local_spread(planes: _HandPlanes, sigma: float, local_mean: np.ndarray | None) -> dict[str, list[float]]:
+    """`spread`: the mean local standard deviation (Gaussian window sigma; `local_mean` is green's
+    blur by sigma when already made) in the nucleus, then the cytoplasm."""
+    green = planes.green
+    if local_mean is None:
+        local_mean = cv2.GaussianBlur(green, (0, 0), sigma)
+    local_var = cv2.GaussianBlur(cv2.multiply(green, green), (0, 0), sigma)
+    cv2.subtract(local_var, cv2.multiply(local_mean, local_mean), dst=local_var)
+    local_std = cv2.sqrt(np.maximum(local_var, 0, out=local_var), dst=local_var)
+    return {"spread": [cv2.mean(local_std, mask)[0] for mask in (planes.n8, planes.y8)]}
+
+
+def _gradient(planes: _HandPlanes) -> dict[str, list[float]]:
+    """`gradient`: the mean Sobel gradient magnitude in the nucleus, then the cytoplasm."""
+    dx, dy = cv2.Sobel(planes.green, cv2.CV_32F, 1, 0), cv2.Sobel(planes.green, cv2.CV_32F, 0, 1)
+    magnitude = cv2.magnitude(dx, dy, magnitude=_at_address(dx.shape, np.float32, 16, 32))
+    return {"gradient": [cv2.mean(magnitude, mask)[0] for mask in (planes.n8, planes.y8)]}
+
+
+def _at_address(shape: tuple[int, ...], dtype: type, offset: int, modulus: int) -> np.ndarray:
+    """An uninitialised array whose data starts `offset` bytes past a multiple of `modulus`.
+
+    For `cv2.magnitude`'s output: OpenCV's Intel IPP path rounds 1 ulp differently on some
+    pixels depending on the output's address modulo 32 (seen with OpenCV 5.0 and IPP 2026.0;
+    sqrt, add, multiply, the blurs, Sobel and the distance transform do not), so the gradient's
+    means moved by up to 2.4e-7 with the heap's state (1 of 101 real stacks from 2048 px) until
+    2026-12. 16 mod 32 is where glibc puts a buffer it maps for itself (page + 16), the address
+    every measured stack of the earlier code had: the same numbers, now on every call.
+    """
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + modulus, np.uint8)
+    start = (offset - raw.ctypes.data) % modulus
+    found: np.ndarray = raw[start : start + size].view(dtype).reshape(shape)
+    return found
+
+
+def _tops(planes: _HandPlanes, params: Mapping[str, Any]) -> dict[str, list[list[float]]]:
+    """`tops`: in the nucleus, then the cytoplasm, the mean of what a grey opening of each size
+    in openings removes from green (uint8; the three in one masked mean per region, a third of
+    the time)."""
+    g8, sizes = planes.g8, [int(k) for k in params["openings"]]
+    tops = cv2.merge([cv2.subtract(g8, cv2.morphologyEx(g8, cv2.MORPH_OPEN, _ellipse(k))) for k in sizes])
+    return {"tops": [list(cv2.mean(tops, mask)[: len(sizes)]) for mask in (planes.n8, planes.y8)]}
+
+
+def _holes(planes: _HandPlanes, params: Mapping[str, Any]) -> dict[str, tuple[int, float]]:
+    """`holes`: nucleolus-like dim-blue holes in the nuclei (blue < hole_ratio x its hole_blur
+    blur): their pixels and green mean."""
+    threshold = cv2.GaussianBlur(planes.blue, (0, 0), float(params["hole_blur"]))
+    holes = np.less(planes.blue, np.multiply(threshold, float(params["hole_ratio"]), out=threshold))
+    holes &= planes.nucleus
+    h8: np.ndarray = holes.view(np.uint8)
+    count = cv2.countNonZero(h8)
+    return {"holes": (count, cv2.mean(planes.green, h8)[0] if count else 0.0)}
+
+
+def _nuclei(planes: _HandPlanes, params: Mapping[str, Any], cytoplasm_mean: float) -> dict[str, list[float]]:
+    """`nuclei`: per connected nucleus, a joint histogram of (component, green value) gives exact
+    sums; their count, spread and brightness against the cytoplasm (see `hand2_layout`)."""
+    eps = float(params["eps"])
+    found, labels = cv2.connectedComponents(planes.n8, connectivity=8)
+    if found <= 256:  # the usual case: uint8 labels
+        joint_nuclei = cv2.calcHist(
+            [labels.astype(np.uint8), planes.g8], [0, 1], None, [found, 256], [0, found, 0, 256]
+        ).astype(np.float64)
+        area, s1, s2 = joint_nuclei.sum(axis=1), joint_nuclei @ _LEVELS, joint_nuclei @ _LEVELS**2
+    else:
+        flat, values = labels.ravel(), planes.g8.ravel().astype(np.float64)
+        area = np.bincount(flat, minlength=found).astype(np.float64)
+        s1 = np.bincount(flat, weights=values, minlength=found).astype(np.float64)
+        s2 = np.bincount(flat, weights=values * values, minlength=found).astype(np.float64)
+    kept = np.flatnonzero(area >= int(params["min_nucleus"]))
+    kept = kept[kept > 0]
+    per = s1[kept] / area[kept] / 255
+    spread = np.sqrt(np.maximum(area[kept] * s2[kept] - s1[kept] ** 2, 0)) / area[kept] / 255
+    return {
+        "nuclei": [
+            len(kept) / float(params["nucleus_count_scale"]),
+            float(per.std() / (per.mean() + eps)) if len(kept) else 0.0,
+            float(np.mean(spread / (per + eps))) if len(kept) else 0.0,
+            float((per > float(params["bright_nucleus"]) * cytoplasm_mean).mean()) if len(kept) else 0.0,
+        ]
+    }
 
 
 _LEVELS = np.arange(256, dtype=np.float64)

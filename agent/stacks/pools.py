@@ -1,6 +1,7 @@
 """The process's long-lived worker threads: one named pool per job (hashing files, reading a
-stack's channels, the recipe beside the embedder, the recipe's blurs), made on first use and
-shared by every caller, so no stack starts threads of its own. Imports nothing of the project."""
+stack's channels, the recipe beside the embedder, the recipe's measuring tasks), made on first
+use and shared by every caller, so no stack starts threads of its own. Imports nothing of the
+project."""
 
 from __future__ import annotations
 
