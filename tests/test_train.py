@@ -532,3 +532,17 @@ def test_default_forests_stay_under_12_mb_as_onnx_even_when_every_tree_is_full()
         for f in forests
     )
     assert size < 12_000_000
+
+
+def test_the_evaluation_judges_the_review_flag_on_the_held_out_split() -> None:
+    x, y = _data()
+    model = train(x, y, [f"s{i}" for i in range(len(y))], FAST, "vectors")
+    held_out = model.evaluation["review_flag"]["held_out"]
+    rows = [int(s[1:]) for s in model.test_ids]
+    test, predicted = y[rows].astype(bool), model.classifier.predict(x[rows])
+    wrong = (test != predicted).any(axis=1)
+    assert (~predicted.any(axis=1)).mean() <= held_out["flagged_share"] <= 1  # no label: flagged
+    when_flagged, when_not = held_out["wrong_when_flagged"], held_out["wrong_when_not_flagged"]
+    if when_flagged is not None and when_not is not None:
+        flagged = held_out["flagged_share"]
+        assert flagged * when_flagged + (1 - flagged) * when_not == pytest.approx(wrong.mean(), abs=1e-3)

@@ -88,14 +88,22 @@ def flag_figures(documents: Sequence[Mapping[str, Any]], wrong: np.ndarray) -> d
             reasons[reason] += 1
             wrong_by_reason[reason] += int(is_wrong)
     return {
-        "flagged_share": round(float(flagged.mean()), 4),
-        "wrong_when_flagged": _share(wrong[flagged]),
-        "wrong_when_not_flagged": _share(wrong[~flagged]),
-        **wrong_ratio(flagged, wrong),
+        **flag_summary(flagged, wrong),
         "reasons": {
             reason: {"stacks": n, "wrong": round(wrong_by_reason[reason] / n, 4)}
             for reason, n in sorted(reasons.items())
         },
+    }
+
+
+def flag_summary(flagged: np.ndarray, wrong: np.ndarray) -> dict[str, Any]:
+    """The share flagged, how often a flagged and an unflagged stack is wrong, and their ratio
+    (also the training report's figures on its held-out split)."""
+    return {
+        "flagged_share": round(float(flagged.mean()), 4),
+        "wrong_when_flagged": _share(wrong[flagged]),
+        "wrong_when_not_flagged": _share(wrong[~flagged]),
+        **wrong_ratio(flagged, wrong),
     }
 
 

@@ -39,12 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from agent.model.review import risk_inputs
 from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.data.dataset import DatasetError, read_labels
 from export.data.split import train_test_split
 from export.features.embed import CacheError, EmbeddingCache, Embeddings, embedder_sidecar
 from export.reports.report import ORIGINAL, OURS, summary_text, write_chart
+from export.training.agreement import flag_summary
 from export.training.evaluate import balanced_test_f1, biologist_f1, score_methods
 from export.training.flagging import SetConfidence, SetRiskModel
 from export.training.folds import out_of_fold
@@ -193,6 +195,9 @@ def train(
                 "flagged_share": round(set_risk.flagged_share_, 4),
                 "uncertain_share": round(set_risk.uncertain_share_, 4),
             },
+            "held_out": held_out_flag(
+                classifier, set_confidence, set_risk, x_test, test_probabilities, ours, y_test
+            ),
         },
         "experiments": {},
     }
@@ -223,6 +228,31 @@ def fit_set_risk(
     except ValueError as exc:
         print(f"train: no set-risk model ({exc}); the review flag uses the set confidence's cut")
         return None
+
+
+def held_out_flag(
+    classifier: LocationForests,
+    set_confidence: SetConfidence,
+    set_risk: SetRiskModel | None,
+    x_test: np.ndarray,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    y_test: np.ndarray,
+) -> dict[str, Any]:
+    """The review flag on the held-out split, raised as the device raises it from these scores
+    (`agent.model.review`): `uncertain_set` by the set-risk model's cut (else the set
+    confidence's), `no_label`, `novel_input`; the image-quality reasons need pixels and are
+    left out. The training shares above say where the cuts were put; this says whether the
+    flag points at the wrong label sets of stacks the cuts never saw."""
+    confidence = set_confidence.confidence(probabilities, labels)
+    if set_risk is None:
+        uncertain = confidence < set_confidence.cut_
+    else:
+        risk = set_risk.predict_proba(risk_inputs(probabilities, labels, confidence))[:, 1]
+        uncertain = risk > set_risk.cut_
+    novel = classifier.novelty_.distance(x_test) > classifier.novelty_threshold_
+    flagged = uncertain | ~labels.any(axis=1) | novel
+    return flag_summary(flagged, (labels != (y_test != 0)).any(axis=1))
 
 
 def novelty_entry(classifier: LocationForests) -> dict[str, Any]:
