@@ -217,6 +217,20 @@ def test_the_set_risk_manifest_entry_reads_back_with_its_inputs_and_cut(
     assert entry["cut"] == risk.cut_
 
 
+def test_the_device_rule_from_the_fitted_trees_gives_their_risk_and_cut(
+    risk_model: tuple[SetRiskModel, SetConfidence],
+) -> None:
+    risk, confidence = risk_model
+    scores, _ = hidden_second_location(20, 2)
+    labels = scores >= THRESHOLDS
+    chances = confidence.confidence(scores, labels)
+    expected = risk.predict_proba(risk_inputs(scores, labels, chances))[:, 1]
+    device = risk.for_device()
+    assert device.cut == risk.cut_
+    by_stack = [device.risk(s, lab, c) for s, lab, c in zip(scores, labels, chances, strict=True)]
+    assert by_stack == pytest.approx(expected)
+
+
 def test_without_enough_wrong_training_sets_no_set_risk_model_is_fitted() -> None:
     scores, y = calibrated_data(n=200)
     y = (scores >= THRESHOLDS).astype(np.uint8)  # every set right

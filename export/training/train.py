@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model.review import risk_inputs
+from agent.model.review import Trust, review
 from agent.model.thresholds import apply
 from agent.stacks.labels import LOCATIONS, N_LOCATIONS
 from export.data.dataset import DatasetError, read_labels
@@ -239,19 +239,25 @@ def held_out_flag(
     labels: np.ndarray,
     y_test: np.ndarray,
 ) -> dict[str, Any]:
-    """The review flag on the held-out split, raised as the device raises it from these scores
-    (`agent.model.review`): `uncertain_set` by the set-risk model's cut (else the set
-    confidence's), `no_label`, `novel_input`; the image-quality reasons need pixels and are
-    left out. The training shares above say where the cuts were put; this says whether the
-    flag points at the wrong label sets of stacks the cuts never saw."""
-    confidence = set_confidence.confidence(probabilities, labels)
-    if set_risk is None:
-        uncertain = confidence < set_confidence.cut_
-    else:
-        risk = set_risk.predict_proba(risk_inputs(probabilities, labels, confidence))[:, 1]
-        uncertain = risk > set_risk.cut_
-    novel = classifier.novelty_.distance(x_test) > classifier.novelty_threshold_
-    flagged = uncertain | ~labels.any(axis=1) | novel
+    """The review flag on the held-out split, raised by the device's own rule
+    (`agent.model.review.review`) from these scores, with a `Trust` made of the fitted objects
+    instead of the bundle's files; the image-quality reasons need pixels and are left out. The
+    training shares above say where the cuts were put; this says whether the flag points at
+    the wrong label sets of stacks the cuts never saw."""
+    trust = Trust(
+        margins=classifier.margins_,
+        available=np.array([status == TRAINED for status in classifier.status_]),
+        novelty=classifier.novelty_,
+        novelty_threshold=float(classifier.novelty_threshold_),
+        set_calibration=set_confidence.calibration(),
+        set_risk=None if set_risk is None else set_risk.for_device(),
+    )
+    flagged = np.array(
+        [
+            review(p, stack_labels, classifier.thresholds_, trust, x).flagged
+            for p, stack_labels, x in zip(probabilities, labels, x_test, strict=True)
+        ]
+    )
     return flag_summary(flagged, (labels != (y_test != 0)).any(axis=1))
 
 
