@@ -401,15 +401,6 @@ def region_green(histograms: np.ndarray, everywhere: np.ndarray, bright_sigmas: 
     return [float(v) for v in table.ravel()]
 
 
-def colocalisation(green: np.ndarray, others: Sequence[np.ndarray], mask: np.ndarray) -> list[float]:
-    """Pearson correlation of green with each other uint8 plane inside the mask (0 if undefined).
-
-    Computed on the integer pixel values (`_Moments`), so a constant plane gives exactly 0.
-    """
-    found = _Moments.of((green, *others), mask)
-    return [found.correlation(i) for i in range(1, 1 + len(others))]
-
-
 @dataclass(frozen=True)
 class _Moments:
     """Sums over one region of some uint8 planes' values (one row each) and of their pairwise
@@ -420,11 +411,6 @@ class _Moments:
     count: int
     sums: np.ndarray  # float64, one per plane
     products: np.ndarray  # float64, planes x planes
-
-    @classmethod
-    def of(cls, planes: Sequence[np.ndarray], mask: np.ndarray) -> _Moments:
-        """Over the pixels of a boolean mask."""
-        return cls.at(planes, np.flatnonzero(mask))
 
     @classmethod
     def at(cls, planes: Sequence[np.ndarray], where: np.ndarray) -> _Moments:
@@ -488,11 +474,6 @@ def difference_of_gaussians(
     wide = cv2.GaussianBlur(green, (0, 0), sigma * ratio)
     found: np.ndarray = np.subtract(narrow, wide, out=wide)
     return found
-
-
-def differences_of_gaussians(green: np.ndarray, sigmas: Sequence[float], ratio: float) -> np.ndarray:
-    """float32 len(sigmas) x H x W: `difference_of_gaussians` per sigma."""
-    return np.stack([difference_of_gaussians(green, sigma, ratio) for sigma in sigmas])
 
 
 def _percentile_and_share(values: np.ndarray, q: float, level: float) -> list[float]:
