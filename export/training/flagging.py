@@ -144,9 +144,7 @@ class SetConfidence(BaseEstimator):  # type: ignore[misc]  # scikit-learn ships 
         self.probabilities_ = [p for _, p in tables]
         labels = apply(scores, thresholds)
         self.confidence_ = self._calibration(0.0).confidences(scores, labels)
-        anyway = np.logical_not(labels.any(axis=1))
-        if flagged is not None:
-            anyway |= np.asarray(flagged, dtype=bool)
+        anyway = flagged_anyway(labels, flagged)
         self.cut_ = choose_cut(self.confidence_, anyway, self.share)
         uncertain = self.confidence_ < self.cut_
         self.uncertain_share_ = float(uncertain.mean())
@@ -260,9 +258,7 @@ class SetRiskModel(BaseEstimator):  # type: ignore[misc]
         self.risk_ = cross_val_predict(self._trees(), inputs, wrong, cv=folds, method="predict_proba")[:, 1]
         self.model_ = self._trees().fit(inputs, wrong)
         self.n_inputs_ = inputs.shape[1]
-        anyway = np.logical_not(labels.any(axis=1))
-        if flagged is not None:
-            anyway |= np.asarray(flagged, dtype=bool)
+        anyway = flagged_anyway(labels, flagged)
         self.cut_ = 1.0 - choose_cut(1.0 - self.risk_, anyway, self.share)  # above it: flagged
         uncertain = self.risk_ > self.cut_
         self.uncertain_share_ = float(uncertain.mean())
@@ -327,6 +323,15 @@ class _Tables(SetCalibration):
         )
         right = np.where(np.asarray(labels, dtype=bool), present, 1.0 - present)
         return np.exp(np.log(right).sum(axis=1))
+
+
+def flagged_anyway(labels: np.ndarray, flagged: np.ndarray | None) -> np.ndarray:
+    """The rows the device flags whatever the cut (no label at all, and those marked `flagged`,
+    e.g. novel input): they count in the share a cut aims at."""
+    anyway = np.logical_not(np.asarray(labels, dtype=bool).any(axis=1))
+    if flagged is not None:
+        anyway |= np.asarray(flagged, dtype=bool)
+    return anyway
 
 
 def choose_cut(confidence: np.ndarray, anyway: np.ndarray, share: float) -> float:
