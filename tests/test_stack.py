@@ -214,3 +214,48 @@ def test_the_first_channels_error_wins_even_when_a_later_one_fails_sooner(
     with pytest.raises(StackError) as info:
         read_reduced("s1", paths, PREP)
     assert (info.value.code, info.value.path) == ("corrupt", paths["red"])
+
+
+def test_an_8_bit_channel_is_reduced_without_waiting_for_an_earlier_channels_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """red's decoding waits until green is reduced: that can happen only if green is compared
+    with red by red's header, not red's pixels (the thread would otherwise sit idle)."""
+    paths = write_stack(tmp_path, "s1", size=(64, 64))
+    whole = read_stack("s1", paths)
+    green_reduced = threading.Event()
+    real_read, real_add = image.ChannelFile.read, stack.Reducer.add
+
+    def red_after_green(self: image.ChannelFile) -> image.Channel:
+        if self.path == paths["red"]:
+            assert green_reduced.wait(timeout=10), "green waited for red's pixels"
+        return real_read(self)
+
+    def add(self: stack.Reducer, name: str, pixels: np.ndarray, seen: int | None = None) -> None:
+        real_add(self, name, pixels, seen)
+        if name == "green":
+            green_reduced.set()
+
+    monkeypatch.setattr(image.ChannelFile, "read", red_after_green)
+    monkeypatch.setattr(stack.Reducer, "add", add)
+    reduced = read_reduced("s1", paths, PREP)
+    np.testing.assert_array_equal(reduced.image, preprocess(whole.channels, PREP))
+    assert reduced.quality == quality.measure(whole.channels)
+
+
+def test_pixels_that_differ_from_their_files_header_are_refused_as_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_stack(tmp_path, "s1", size=(64, 64))
+    real_read = image.ChannelFile.read
+
+    def green_decodes_smaller(self: image.ChannelFile) -> image.Channel:
+        channel = real_read(self)
+        if self.path == paths["green"]:
+            return image.Channel(pixels=channel.pixels[:32], sha256=channel.sha256, header=channel.header)
+        return channel
+
+    monkeypatch.setattr(image.ChannelFile, "read", green_decodes_smaller)
+    with pytest.raises(StackError) as info:
+        read_reduced("s1", paths, PREP)
+    assert (info.value.code, info.value.path) == ("corrupt", paths["green"])

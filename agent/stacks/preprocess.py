@@ -222,11 +222,16 @@ class Reducer:
             cost += width * height * (2 if bits == 16 else 1)
         return cost
 
-    def peak_of(self, pixels: np.ndarray) -> int:
-        """The channel's brightest pixel where the stack's bit depth depends on it, else 0."""
+    def needs_peaks(self, pixels: np.ndarray) -> bool:
+        """Whether this channel's scaling hangs on the brightest pixel of the channels before it
+        (automatic bit depth, 16-bit data, the stack's peak not given)."""
         policy = self.prep.bit_depth
         auto = policy.mode == "bits" and policy.bits is None and pixels.dtype == np.uint16
-        return int(pixels.max()) if auto and not self._known else 0
+        return auto and not self._known
+
+    def peak_of(self, pixels: np.ndarray) -> int:
+        """The channel's brightest pixel where the stack's bit depth depends on it, else 0."""
+        return int(pixels.max()) if self.needs_peaks(pixels) else 0
 
     def add(self, name: str, pixels: np.ndarray, seen: int | None = None) -> None:
         """Take one channel into account and keep its reduced form (if a slot uses it)."""

@@ -97,6 +97,9 @@ class Samples:
 
     stats: np.ndarray  # about STATS_SIDE pixels across
     focus: np.ndarray | None  # about FOCUS_SIDE across, for the nucleus channel only
+    # The nucleus channel's own figures (nucleus_fraction, nucleus_contrast, focus), measured
+    # when it is sampled: on the device that is its reading thread, beside the other channels.
+    nucleus: Mapping[str, float] | None = None
 
 
 def sample(name: str, pixels: np.ndarray) -> Samples:
@@ -104,8 +107,11 @@ def sample(name: str, pixels: np.ndarray) -> Samples:
     pixels = np.asarray(pixels)
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"{name} is {pixels.dtype}; quality figures need uint8 or uint16")
-    focus = _sample(pixels, FOCUS_SIDE) if name == NUCLEUS_CHANNEL else None
-    return Samples(_sample(pixels, STATS_SIDE), focus)
+    stats = _sample(pixels, STATS_SIDE)
+    if name != NUCLEUS_CHANNEL:
+        return Samples(stats, None)
+    focus = _sample(pixels, FOCUS_SIDE)
+    return Samples(stats, focus, _nucleus_figures(stats, focus))
 
 
 def measure(channels: Mapping[str, np.ndarray], bits: int | None = None) -> dict[str, float]:
@@ -125,14 +131,16 @@ def measure_samples(samples: Mapping[str, Samples], bits: int | None = None) -> 
     full = _full_scale(stats, bits)
     figures = _channel_figures(stats, full)
     if NUCLEUS_CHANNEL in samples:
-        fraction, contrast = _nuclei(stats[NUCLEUS_CHANNEL].astype(np.float32))
-        figures["nucleus_fraction"] = fraction
-        figures["nucleus_contrast"] = contrast
-        focus = samples[NUCLEUS_CHANNEL].focus
-        if focus is None:
+        nucleus = samples[NUCLEUS_CHANNEL]
+        if nucleus.focus is None:
             raise ValueError(f"the {NUCLEUS_CHANNEL} channel's samples lack the focus subsample")
-        figures["focus"] = _focus(focus)
+        figures.update(nucleus.nucleus or _nucleus_figures(nucleus.stats, nucleus.focus))
     return figures
+
+
+def _nucleus_figures(stats: np.ndarray, focus: np.ndarray) -> dict[str, float]:
+    fraction, contrast = _nuclei(stats.astype(np.float32))
+    return {"nucleus_fraction": fraction, "nucleus_contrast": contrast, "focus": _focus(focus)}
 
 
 def _check_bits(bits: int | None) -> None:

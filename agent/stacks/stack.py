@@ -188,23 +188,41 @@ class _Turns:
     """What the channel tasks of one stack tell each other, so that reading them at once
     decides what reading them in order would: each reserves its memory after the channel
     before it did (first come, first served, in channel order, so a task never holds memory
-    while waiting for an earlier one that waits for memory), then posts its size, bit depth
-    and brightest pixel, and reduces once every earlier channel has posted."""
+    while waiting for an earlier one that waits for memory) and posts its size and bit depth
+    from the file's header as soon as it is open; a channel is compared with the earlier ones
+    by those, without waiting for their pixels. Only where the stack's bit depth hangs on
+    every channel's brightest pixel (automatic depth, 16-bit data) does a channel also wait
+    for the earlier ones to be decoded before it is reduced."""
 
     def __init__(self, n: int) -> None:
         self.reserved = [threading.Event() for _ in range(n)]
-        self.posted = [threading.Event() for _ in range(n)]
-        self.facts: list[tuple[tuple[int, ...], np.dtype, int] | None] = [None] * n
+        self.opened = [threading.Event() for _ in range(n)]
+        self.decoded = [threading.Event() for _ in range(n)]
+        self.kinds: list[_Kind | None] = [None] * n  # (shape, dtype); None: the file failed
+        self.peaks: list[int | None] = [None] * n  # brightest pixel; None: the file failed
 
-    def post(self, i: int, facts: tuple[tuple[int, ...], np.dtype, int] | None) -> None:
-        if not self.posted[i].is_set():
-            self.facts[i] = facts
-            self.posted[i].set()
+    def open(self, i: int, kind: _Kind | None) -> None:
+        if not self.opened[i].is_set():
+            self.kinds[i] = kind
+            self.opened[i].set()
 
-    def before(self, i: int) -> list[tuple[tuple[int, ...], np.dtype, int] | None]:
-        for event in self.posted[:i]:
+    def decode(self, i: int, peak: int | None) -> None:
+        if not self.decoded[i].is_set():
+            self.peaks[i] = peak
+            self.decoded[i].set()
+
+    def kinds_before(self, i: int) -> list[_Kind | None]:
+        for event in self.opened[:i]:
             event.wait()
-        return self.facts[:i]
+        return self.kinds[:i]
+
+    def peaks_before(self, i: int) -> list[int | None]:
+        for event in self.decoded[:i]:
+            event.wait()
+        return self.peaks[:i]
+
+
+_Kind = tuple[tuple[int, ...], np.dtype]
 
 
 def _read_channel(
@@ -216,25 +234,37 @@ def _read_channel(
         if i:
             turns.reserved[i - 1].wait()
         with open_channel(path, limits) as file, _reserve(budget, file, reducer):
+            header = file.header
+            dtype = np.dtype(np.uint16 if header.bits == 16 else np.uint8)
+            kind: _Kind = ((header.height, header.width), dtype)
+            turns.open(i, kind)
             turns.reserved[i].set()
             began = time.perf_counter()
             channel = file.read()
             decoded = time.perf_counter()
             pixels = channel.pixels
+            if (pixels.shape, pixels.dtype) != kind:
+                found = f"decoded {pixels.dtype} {pixels.shape} differs from the header"
+                raise StackError("corrupt", found, path)
             peak = reducer.peak_of(pixels)
-            turns.post(i, (pixels.shape, pixels.dtype, peak))
-            earlier = turns.before(i)
-            first = earlier[0] if i else (pixels.shape, pixels.dtype, peak)
+            turns.decode(i, peak)
+            kinds = turns.kinds_before(i)
+            first = kinds[0] if i else kind
             mismatch = None
-            if first is None or any(f is None or f[:2] != first[:2] for f in earlier):
+            if first is None or any(k is None or k != first for k in kinds):
                 refused = True  # read in order, the stack would have stopped at an earlier file
             else:
-                mismatch = _mismatch(name, pixels, (first[0], first[1]), path) if i else None
+                mismatch = _mismatch(name, pixels, first, path) if i else None
                 refused = mismatch is not None
+            seen = [peak]
+            if not refused and reducer.needs_peaks(pixels):
+                earlier = turns.peaks_before(i)
+                refused = any(p is None for p in earlier)  # an earlier file failed to decode
+                seen += [p for p in earlier if p is not None]
             sample = None
             if not refused:
                 sample = quality.sample(name, pixels)
-                reducer.add(name, pixels, seen=max([peak] + [f[2] for f in earlier if f is not None]))
+                reducer.add(name, pixels, seen=max(seen))
             reducing = time.perf_counter() - decoded
             return _Read(
                 name, channel.sha256, pixels.shape, pixels.dtype, sample, mismatch, decoded - began, reducing
@@ -243,7 +273,8 @@ def _read_channel(
         return exc
     finally:
         turns.reserved[i].set()
-        turns.post(i, None)  # a channel that failed (or raised) tells the later ones so
+        turns.open(i, None)  # a channel that failed (or raised) tells the later ones so
+        turns.decode(i, None)
 
 
 def _reserve(budget: Budget | None, file: ChannelFile, reducer: Reducer) -> AbstractContextManager[None]:
