@@ -15,7 +15,7 @@ import pytest
 from agent.stacks import image, quality, stack
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
-from agent.stacks.preprocess import Preprocessing, preprocess
+from agent.stacks.preprocess import Preprocessing, Reducer, preprocess
 from agent.stacks.stack import find_stacks, read_reduced, read_stack
 from tests.helpers import write_png, write_stack
 
@@ -224,20 +224,20 @@ def test_an_8_bit_channel_is_reduced_without_waiting_for_an_earlier_channels_pix
     paths = write_stack(tmp_path, "s1", size=(64, 64))
     whole = read_stack("s1", paths)
     green_reduced = threading.Event()
-    real_read, real_add = image.ChannelFile.read, stack.Reducer.add
+    real_read, real_add = image.ChannelFile.read, Reducer.add
 
     def red_after_green(self: image.ChannelFile) -> image.Channel:
         if self.path == paths["red"]:
             assert green_reduced.wait(timeout=10), "green waited for red's pixels"
         return real_read(self)
 
-    def add(self: stack.Reducer, name: str, pixels: np.ndarray, seen: int | None = None) -> None:
+    def add(self: Reducer, name: str, pixels: np.ndarray, seen: int | None = None) -> None:
         real_add(self, name, pixels, seen)
         if name == "green":
             green_reduced.set()
 
     monkeypatch.setattr(image.ChannelFile, "read", red_after_green)
-    monkeypatch.setattr(stack.Reducer, "add", add)
+    monkeypatch.setattr(Reducer, "add", add)
     reduced = read_reduced("s1", paths, PREP)
     np.testing.assert_array_equal(reduced.image, preprocess(whole.channels, PREP))
     assert reduced.quality == quality.measure(whole.channels)
