@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import threading
 import time
@@ -312,3 +313,43 @@ def test_a_big_legal_stack_is_read_within_two_channels_and_a_half(tmp_path: Path
     assert whole["peak_reset"]
     assert reduced["peak_above_before_mb"] < 2.5 * channel_mb, reduced
     assert whole["peak_above_before_mb"] > 4 * channel_mb, whole
+
+
+_REFAULTS = """
+import os, resource, sys
+import numpy as np
+from agent.stacks.budget import fix_malloc_threshold
+if sys.argv[1] == "fixed" and not fix_malloc_threshold():
+    print("unfixed"); raise SystemExit
+def cycle():
+    buffer = np.empty(4 << 20, np.uint8)  # a 2048 x 2048 channel's 8-bit copy
+    buffer.fill(1)  # touch every page
+    small = np.empty(1, np.uint8)  # a block above it keeps the heap's top from moving down
+    del buffer
+    return small
+kept = [cycle()]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+kept += [cycle() for _ in range(20)]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_a_few_mb_freed_by_a_channel_is_reused_without_faulting_its_pages_in_again() -> None:
+    """Fixing the mmap threshold must not leave the trim threshold at glibc's 128 kB: a
+    freed 4 MB buffer would go back to the system and be faulted in again, 1,024 pages a
+    time (a fifth of a 2048 x 2048 stack's time, docs/benchmark.md)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run(
+        [sys.executable, "-c", _REFAULTS, "fixed"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=True,
+    )
+    if run.stdout.strip() == "unfixed":
+        pytest.skip("this C library has no mallopt (not glibc)")
+    assert int(run.stdout) < 2 * 1024, "20 buffers of 4 MB faulted in again"
