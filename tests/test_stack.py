@@ -7,6 +7,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,60 @@ def test_pixels_that_differ_from_their_files_header_are_refused_as_corrupt(
     with pytest.raises(StackError) as info:
         read_reduced("s1", paths, PREP)
     assert (info.value.code, info.value.path) == ("corrupt", paths["green"])
+
+
+# ---------------------------------------------------------------- reading order
+
+
+def test_red_is_started_first_the_unused_channels_next_and_the_nucleus_channel_last() -> None:
+    assert [CHANNELS[i] for i in stack.reading_order({"red", "green", "blue"})] == [
+        "red",
+        "yellow",
+        "green",
+        "blue",
+    ]
+    assert stack.reading_order(set(CHANNELS)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("used", range(16))
+def test_a_channel_that_may_wait_for_earlier_ones_starts_after_them(used: int) -> None:
+    """A used channel may wait for the brightest pixel of every channel before it in channel
+    order: those must have been started before it, or two stacks could block each other."""
+    needed = {c for bit, c in enumerate(CHANNELS) if used >> bit & 1}
+    order = stack.reading_order(needed)
+    assert order[0] == 0
+    assert sorted(order) == list(range(len(CHANNELS)))
+    for at, i in enumerate(order):
+        if CHANNELS[i] in needed:
+            assert set(range(i)) <= set(order[:at]), (needed, order)
+
+
+@READERS
+def test_two_mismatches_name_the_first_in_channel_order_whatever_was_started_first(
+    tmp_path: Path, read: Reader
+) -> None:
+    paths = write_stack(tmp_path, "s1")
+    write_png(paths["green"], np.zeros((64, 63), np.uint8))
+    write_png(paths["yellow"], np.zeros((64, 62), np.uint8))  # started before green
+    with pytest.raises(StackError) as info:
+        read("s1", paths)
+    assert (info.value.code, info.value.path) == ("shape_mismatch", paths["green"])
+
+
+def test_stacks_read_at_once_with_an_automatic_16_bit_depth_do_not_block_each_other(tmp_path: Path) -> None:
+    """Every channel used (yellow too) and every channel waiting for the brightest pixel of
+    the ones before it: eight stacks from four threads through the two reading threads."""
+    prep = Preprocessing(
+        size=32, slots=((("red", 1.0), ("yellow", 0.5)), (("green", 1.0),), (("blue", 1.0),))
+    )
+    stacks = {
+        f"s{n}": write_stack(tmp_path, f"s{n}", size=(40, 40), dtype=np.uint16, seed=n) for n in range(8)
+    }
+    with ThreadPoolExecutor(4) as readers:
+        reduced = dict(
+            zip(stacks, readers.map(lambda s: read_reduced(s, stacks[s], prep), stacks), strict=True)
+        )
+    for stack_id, paths in stacks.items():
+        np.testing.assert_array_equal(
+            reduced[stack_id].image, preprocess(read_stack(stack_id, paths).channels, prep)
+        )
