@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from agent.stacks import image, quality, stack
+from agent.stacks.budget import Budget
 from agent.stacks.errors import StackError
 from agent.stacks.labels import CHANNELS
 from agent.stacks.preprocess import Preprocessing, Reducer, preprocess
@@ -301,19 +302,29 @@ def test_two_mismatches_name_the_first_in_channel_order_whatever_was_started_fir
 
 
 def test_stacks_read_at_once_with_an_automatic_16_bit_depth_do_not_block_each_other(tmp_path: Path) -> None:
-    """Every channel used (yellow too) and every channel waiting for the brightest pixel of
-    the ones before it: eight stacks from four threads through the two reading threads."""
-    prep = Preprocessing(
-        size=32, slots=((("red", 1.0), ("yellow", 0.5)), (("green", 1.0),), (("blue", 1.0),))
-    )
-    stacks = {
-        f"s{n}": write_stack(tmp_path, f"s{n}", size=(40, 40), dtype=np.uint16, seed=n) for n in range(8)
-    }
+    """Eight stacks from four threads through the two reading threads, started in the default
+    reading order (red, yellow, green, blue), each used channel waiting for the brightest
+    pixel of the ones before it, red decoded again, a budget that lets one channel at a time
+    run: every stack is read, as read in order."""
+    stacks = {}
+    for n in range(8):
+        folder = tmp_path / f"s{n}"
+        folder.mkdir()
+        stacks[f"s{n}"] = _peaks(folder, {"red": 900, "green": 3000, "blue": 2000, "yellow": 100 + n})
+    budget = Budget(1)
     with ThreadPoolExecutor(4) as readers:
-        reduced = dict(
-            zip(stacks, readers.map(lambda s: read_reduced(s, stacks[s], prep), stacks), strict=True)
-        )
+        futures = {
+            s: readers.submit(read_reduced, "s1", paths, PREP, budget=budget) for s, paths in stacks.items()
+        }
+        reduced = {s: future.result(timeout=30) for s, future in futures.items()}
     for stack_id, paths in stacks.items():
+        assert reduced[stack_id].decoded_again == ("red",)
         np.testing.assert_array_equal(
-            reduced[stack_id].image, preprocess(read_stack(stack_id, paths).channels, prep)
+            reduced[stack_id].image, preprocess(read_stack("s1", paths).channels, PREP)
         )
+
+
+def test_channels_decoded_again_are_decoded_in_channel_order(tmp_path: Path) -> None:
+    paths = _peaks(tmp_path, {"red": 900, "green": 900, "blue": 3000, "yellow": 100})
+    for _ in range(30):  # whichever of red and green is reduced first
+        assert read_reduced("s1", paths, PREP).decoded_again == ("red", "green")

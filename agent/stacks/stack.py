@@ -142,7 +142,8 @@ def read_reduced(
     busy = sum(read.decoding + read.reducing for read in done)
     decoding = together * sum(read.decoding for read in done) / busy if busy > 0 else 0.0
     sha256 = {name: read.sha256 for name, read in zip(CHANNELS, done, strict=True)}
-    again = tuple(reducer.stale())
+    stale = set(reducer.stale())
+    again = tuple(c for c in CHANNELS if c in stale)  # decoded again in channel order
     for name in again:
         path = Path(paths[name])
         with open_channel(path, limits) as file, _reserve(budget, file, reducer):
@@ -173,8 +174,9 @@ CHANNEL_THREADS = 2
 
 def reading_order(needed: set[str]) -> list[int]:
     """The order a stack's channels are started in (indices into CHANNELS): red first (every
-    channel is compared with it), then the channels the model does not use (nothing waits
-    for them), then the others in channel order.
+    channel is compared with it), then the channels the model does not use (only their
+    headers, and with an automatic 16-bit depth their brightest pixel, are waited for), then
+    the others in channel order.
 
     With four files on two threads, the last one started decides how long the stack takes;
     the nucleus channel, mostly black between the nuclei, is the smallest file of an HPA
