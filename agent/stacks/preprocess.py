@@ -258,11 +258,13 @@ class Reducer:
             self._small[name] = eight
 
     def stale(self) -> list[str]:
-        """Channels scaled by a bit depth below the stack's: to be added again."""
+        """Channels scaled by a bit depth below the stack's, in channel order (whichever thread
+        added them first): to be added again."""
         if self._peak is None:
             return []
         final = bits_for(self._peak)
-        return [c for c, bits in self._scaled_by.items() if bits is not None and bits != final]
+        scaled = self._scaled_by
+        return [c for c in CHANNELS if scaled.get(c) is not None and scaled[c] != final]
 
     def image(self) -> np.ndarray:
         """The embedder's input, uint8 size x size x 3."""

@@ -131,10 +131,12 @@ def measure_samples(samples: Mapping[str, Samples], bits: int | None = None) -> 
     full = _full_scale(stats, bits)
     figures = _channel_figures(stats, full)
     if NUCLEUS_CHANNEL in samples:
-        nucleus = samples[NUCLEUS_CHANNEL]
-        if nucleus.focus is None:
-            raise ValueError(f"the {NUCLEUS_CHANNEL} channel's samples lack the focus subsample")
-        figures.update(nucleus.nucleus or _nucleus_figures(nucleus.stats, nucleus.focus))
+        nucleus = samples[NUCLEUS_CHANNEL].nucleus
+        if nucleus is None:
+            raise ValueError(
+                f"the {NUCLEUS_CHANNEL} channel's samples lack its figures (`sample` makes them)"
+            )
+        figures.update(nucleus)
     return figures
 
 

@@ -142,8 +142,7 @@ def read_reduced(
     busy = sum(read.decoding + read.reducing for read in done)
     decoding = together * sum(read.decoding for read in done) / busy if busy > 0 else 0.0
     sha256 = {name: read.sha256 for name, read in zip(CHANNELS, done, strict=True)}
-    stale = set(reducer.stale())
-    again = tuple(c for c in CHANNELS if c in stale)  # decoded again in channel order
+    again = tuple(reducer.stale())
     for name in again:
         path = Path(paths[name])
         with open_channel(path, limits) as file, _reserve(budget, file, reducer):
@@ -184,7 +183,7 @@ def reading_order(needed: set[str]) -> list[int]:
     A channel waits only for channels started before it, so the stacks sharing the reading
     threads cannot block each other.
     """
-    rest = [i for i in range(1, len(CHANNELS))]
+    rest = range(1, len(CHANNELS))
     return [0, *[i for i in rest if CHANNELS[i] not in needed], *[i for i in rest if CHANNELS[i] in needed]]
 
 
@@ -204,10 +203,10 @@ class _Read:
 
 class _Turns:
     """What the channel tasks of one stack tell each other, so that reading them at once
-    decides what reading them in order would. Each reserves its memory after the channel
-    started before it did (first come, first served, so a task never holds memory while
-    waiting for an earlier one that waits for memory) and posts its size and bit depth from
-    the file's header as soon as it is open; a channel is compared with red and with the
+    decides what reading them in order would. Each opens its file and reserves its memory
+    after the channel started before it did (first come, first served, so a task never holds
+    memory while waiting for an earlier one that waits for memory), then posts its size and
+    bit depth from the file's header (`opened`); a channel is compared with red and with the
     channels started before it by those, without waiting for their pixels. Only where the
     stack's bit depth hangs on every channel's brightest pixel (automatic depth, 16-bit data)
     does a channel the model uses also wait for the channels before it in channel order to be
@@ -216,8 +215,7 @@ class _Turns:
     def __init__(self, order: list[int]) -> None:
         n = len(order)
         self.started_before = {i: order[:at] for at, i in enumerate(order)}
-        self.reserved = [threading.Event() for _ in range(n)]
-        self.opened = [threading.Event() for _ in range(n)]
+        self.opened = [threading.Event() for _ in range(n)]  # reserved, header posted (or failed)
         self.decoded = [threading.Event() for _ in range(n)]
         self.kinds: list[_Kind | None] = [None] * n  # (shape, dtype); None: the file failed
         self.peaks: list[int | None] = [None] * n  # brightest pixel; None: the file failed
@@ -264,13 +262,12 @@ def _read_channel(
     try:
         previous = turns.previous(i)
         if previous is not None:
-            turns.reserved[previous].wait()
+            turns.opened[previous].wait()
         with open_channel(path, limits) as file, _reserve(budget, file, reducer):
             header = file.header
             dtype = np.dtype(np.uint16 if header.bits == 16 else np.uint8)
             kind: _Kind = ((header.height, header.width), dtype)
             turns.open(i, kind)
-            turns.reserved[i].set()
             began = time.perf_counter()
             channel = file.read()
             decoded = time.perf_counter()
@@ -301,7 +298,6 @@ def _read_channel(
     except StackError as exc:
         return exc
     finally:
-        turns.reserved[i].set()
         turns.open(i, None)  # a channel that failed (or raised) tells the later ones so
         turns.decode(i, None)
 
