@@ -6,7 +6,7 @@ import pytest
 
 from agent.service.tracker import RENAME_QUIET, STALE_WRITE_FACTOR, Entry, Tracker
 from agent.stacks.labels import CHANNELS
-from agent.stacks.naming import NamingScheme
+from agent.stacks.naming import ChannelName, NamingScheme
 
 SETTLE, TIMEOUT = 2.0, 60.0
 
@@ -185,6 +185,26 @@ def test_two_stacks_are_tracked_independently() -> None:
     look = t.look({**a, **b}, 0.0)
     assert list(look.ready) == ["a"]
     assert look.waiting == 1
+
+
+def test_a_name_is_parsed_when_first_seen_not_at_every_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    parse = NamingScheme.parse
+
+    def counting(self: NamingScheme, name: str) -> ChannelName | None:
+        asked.append(name)
+        return parse(self, name)
+
+    monkeypatch.setattr(NamingScheme, "parse", counting)
+    t, files = tracker(), {**listing("a"), **listing("b", channels=("red",))}
+    t.look(files, 0.0)
+    first = len(asked)
+    for now in (1.0, 2.0, 3.0):
+        t.look(files, now)
+    assert len(asked) == first  # a burst of 1,000 stacks no longer parses 4,000 names a look
+    t.look({}, 4.0)
+    t.look(files, 5.0)  # gone and back: new files, parsed again
+    assert len(asked) == 2 * first
 
 
 def test_an_unknown_event_kind_is_a_programming_error() -> None:

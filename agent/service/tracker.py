@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.stacks.labels import CHANNELS
-from agent.stacks.naming import NamingScheme
+from agent.stacks.naming import ChannelName, NamingScheme, group_parsed
 
 # A created file with no write event for this long was linked in, not opened for writing
 # (open(O_CREAT) and the first write follow each other within microseconds). A rename into
@@ -46,6 +46,8 @@ class _File:
     mtime_ns: int
     since: float  # when the current (size, mtime) was first seen
     first_seen: float
+    parsed: ChannelName | None  # what the name says, parsed once (`NamingScheme.parse`)
+    unsafe: str | None  # the channel, when the name is a channel file's with an unusable stack id
     closed: bool = False
     writing: bool = False
     created_at: float | None = None
@@ -86,7 +88,8 @@ class Tracker:
         for name, entry in listing.items():
             known = self.files.get(name)
             if known is None:
-                self.files[name] = _File(entry.size, entry.mtime_ns, now, now)
+                parsed, unsafe = self.naming.parse(name), self.naming.unsafe(name)
+                self.files[name] = _File(entry.size, entry.mtime_ns, now, now, parsed, unsafe)
             elif (known.size, known.mtime_ns) != (entry.size, entry.mtime_ns):
                 known.size, known.mtime_ns, known.since = entry.size, entry.mtime_ns, now
         for name, events in self._events.items():
@@ -99,10 +102,9 @@ class Tracker:
 
         result = Look()
         for name, state in self.files.items():
-            channel = self.naming.unsafe(name)
-            if channel is not None and self._written(state, now):
-                result.unsafe[name] = channel
-        for stack_id, channels in self.naming.group(self.files).items():
+            if state.unsafe is not None and self._written(state, now):
+                result.unsafe[name] = state.unsafe
+        for stack_id, channels in group_parsed((n, s.parsed) for n, s in self.files.items()).items():
             written = all(self._written(self.files[n], now) for n in channels.values())
             if written and len(channels) == len(CHANNELS):
                 result.ready[stack_id] = channels
