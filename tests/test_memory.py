@@ -338,18 +338,39 @@ def test_a_few_mb_freed_by_a_channel_is_reused_without_faulting_its_pages_in_aga
     """Fixing the mmap threshold must not leave the trim threshold at glibc's 128 kB: a
     freed 4 MB buffer would go back to the system and be faulted in again, 1,024 pages a
     time (a fifth of a 2048 x 2048 stack's time, docs/benchmark.md)."""
+    found = _refaults()
+    if found == "unfixed":
+        pytest.skip("this C library has no mallopt (not glibc)")
+    assert int(found) < 2 * 1024, "20 buffers of 4 MB faulted in again"
+
+
+def _refaults(**environment: str) -> str:
+    """Pages faulted in by 20 cycles of a freed 4 MB buffer, with the thresholds fixed, in a
+    fresh process whose environment sets no malloc parameter but `environment`."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     run = subprocess.run(
         [sys.executable, "-c", _REFAULTS, "fixed"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**env, **environment},
         cwd=REPO,
         check=True,
     )
-    if run.stdout.strip() == "unfixed":
+    return run.stdout.strip()
+
+
+@pytest.mark.parametrize("setting", ["MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"])
+def test_an_mmap_threshold_the_operator_set_is_left_alone(setting: str) -> None:
+    value = "1048576" if setting.startswith("MALLOC") else "glibc.malloc.mmap_threshold=1048576"
+    assert _refaults(**{setting: value}) == "unfixed"
+
+
+def test_a_trim_threshold_the_operator_set_as_a_tunable_is_kept() -> None:
+    """glibc's 128 kB, set on purpose: freed 4 MB buffers go back to the system and fault in again."""
+    found = _refaults(GLIBC_TUNABLES="glibc.malloc.check=0:glibc.malloc.trim_threshold=131072")
+    if found == "unfixed":
         pytest.skip("this C library has no mallopt (not glibc)")
-    assert int(run.stdout) < 2 * 1024, "20 buffers of 4 MB faulted in again"
+    assert int(found) > 4 * 1024, "the operator's trim threshold was overridden"  # overridden: < 2,048

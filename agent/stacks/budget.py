@@ -14,15 +14,16 @@ default glibc's malloc raises its mmap threshold to the size of the biggest bloc
 that; two decode threads taking turns with 4000 x 4000 16-bit channels kept 46 MB each
 (measured: 124 MB above the start for one 77 MB channel at a time). The first budget of a
 process fixes the threshold at 16 MB (`mallopt`; glibc only, and not where the operator set
-MALLOC_MMAP_THRESHOLD_): blocks from 16 MB are mapped and unmapped (measured: 78 MB for the
-same channels). It also fixes the trim threshold at twice that, 32 MB, the value glibc's own
-rule would give it: fixing the mmap threshold leaves it at 128 kB otherwise, and then every
-buffer of a few MB freed at an arena's top (a 2048 x 2048 channel's 8-bit copy, the resize's
-float32 bands) went back to the system and was faulted in again for the next channel, a
-fifth of a 2048 x 2048 16-bit stack's time (measured: 32.1-32.6 -> 26.5-27.3 ms end to end,
-peak RSS +1.5 MB; 8 or 16 MB kept most of the cost). What a big channel frees is still given
-back at once (`agent.stacks.heap.trim`, from 32 MB reserved), as is the heap when the agent
-goes idle. Not where the operator set MALLOC_TRIM_THRESHOLD_.
+it: MALLOC_MMAP_THRESHOLD_, or glibc.malloc.mmap_threshold in GLIBC_TUNABLES): blocks from
+16 MB are mapped and unmapped (measured: 78 MB for the same channels). It also fixes the trim
+threshold at twice that, 32 MB, the value glibc's own rule would give it: fixing the mmap
+threshold leaves it at 128 kB otherwise, and then every buffer of a few MB freed at an
+arena's top (a 2048 x 2048 channel's 8-bit copy, the resize's float32 bands) went back to
+the system and was faulted in again for the next channel, a fifth of a 2048 x 2048 16-bit
+stack's time (measured: 32.1-32.6 -> 26.5-27.3 ms end to end, peak RSS +1.5 MB; 8 or 16 MB
+kept most of the cost). What a big channel frees is still given back at once
+(`agent.stacks.heap.trim`, from 32 MB reserved), as is the heap when the agent goes idle.
+Not where the operator set it (MALLOC_TRIM_THRESHOLD_, glibc.malloc.trim_threshold).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ _malloc_fixed = False
 
 def fix_malloc_threshold() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD and its trim threshold at TRIM_THRESHOLD for
-    this process (once); False where the C library is not glibc or the operator set
-    MALLOC_MMAP_THRESHOLD_ (an operator's MALLOC_TRIM_THRESHOLD_ is kept too)."""
+    this process (once); False where the C library is not glibc or the operator set the mmap
+    threshold (an operator's trim threshold is kept too). `mallopt` overrides both ways an
+    operator has of setting them, so each is looked for first."""
     global _malloc_fixed
-    if _malloc_fixed or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if _malloc_fixed or _operator_set("mmap_threshold"):
         return _malloc_fixed
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -58,9 +60,17 @@ def fix_malloc_threshold() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     _malloc_fixed = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    if _malloc_fixed and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+    if _malloc_fixed and not _operator_set("trim_threshold"):
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return _malloc_fixed
+
+
+def _operator_set(parameter: str) -> bool:
+    """Whether glibc's malloc `parameter` was set from the environment: the old way
+    (MALLOC_MMAP_THRESHOLD_) or as a tunable (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    named = {item.partition("=")[0].strip() for item in tunables}
+    return f"MALLOC_{parameter.upper()}_" in os.environ or f"glibc.malloc.{parameter}" in named
 
 
 class Budget:
