@@ -163,6 +163,7 @@ def test_only_locations_with_evidence_get_a_forest(fitted: Fitted) -> None:
             assert model.reasons_[j]
             assert not model.predict(x)[:, j].any()
     assert model.trained_locations == [j for j, s in enumerate(model.status_) if s == TRAINED]
+    np.testing.assert_array_equal(model.available_, [s == TRAINED for s in model.status_])
     assert len(model.trained_locations) >= 20  # the vectors carry most locations
     np.testing.assert_array_equal(model.positives_, y[:200].sum(axis=0))
 

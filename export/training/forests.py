@@ -347,6 +347,13 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         self._check_fitted()
         return [j for j, forest in enumerate(self.forests_) if forest is not None]
 
+    @property
+    def available_(self) -> np.ndarray:
+        """Per location, whether it has a forest (`trained_locations`) as a mask: the device's
+        `Trust.available`, what the set confidence and the review count."""
+        self._check_fitted()
+        return np.array([forest is not None for forest in self.forests_])
+
     def _check_fitted(self, x: np.ndarray | None = None) -> None:
         from sklearn.utils.validation import check_is_fitted
 

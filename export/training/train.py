@@ -60,7 +60,7 @@ from export.training.forests import (
     predict_joint,
     predict_scores,
 )
-from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, TRAINED, best_thresholds
+from export.training.metrics import DEFAULT_RULE, THRESHOLD_RULES, best_thresholds
 
 HELD_OUT = "held_out.npz"  # the test split's ids and the probabilities its figures come from
 SET_RISK_FILE = "set_risk.pkl"  # the review flag's SetRiskModel, when training fitted one
@@ -150,7 +150,7 @@ def train(
         classifier.oof_scores_,
         y_train,
         classifier.thresholds_,
-        available=np.array([status == TRAINED for status in classifier.status_]),
+        available=classifier.available_,
     )
     set_risk = fit_set_risk(classifier, y_train, set_confidence, settings)
     test_probabilities = classifier.predict_proba(x_test)
@@ -246,7 +246,7 @@ def held_out_flag(
     the wrong label sets of stacks the cuts never saw."""
     trust = Trust(
         margins=classifier.margins_,
-        available=np.array([status == TRAINED for status in classifier.status_]),
+        available=classifier.available_,
         novelty=classifier.novelty_,
         novelty_threshold=float(classifier.novelty_threshold_),
         set_calibration=set_confidence.calibration(),
