@@ -88,7 +88,8 @@ class Tracker:
         for name, entry in listing.items():
             known = self.files.get(name)
             if known is None:
-                parsed, unsafe = self.naming.parse(name), self.naming.unsafe(name)
+                parsed = self.naming.parse(name)
+                unsafe = None if parsed is not None else self.naming.unsafe(name)  # a usable name is safe
                 self.files[name] = _File(entry.size, entry.mtime_ns, now, now, parsed, unsafe)
             elif (known.size, known.mtime_ns) != (entry.size, entry.mtime_ns):
                 known.size, known.mtime_ns, known.since = entry.size, entry.mtime_ns, now

@@ -352,7 +352,7 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
         """Per location, whether it has a forest (`trained_locations`) as a mask: the device's
         `Trust.available`, what the set confidence and the review count."""
         self._check_fitted()
-        return np.array([forest is not None for forest in self.forests_])
+        return np.array([forest is not None for forest in self.forests_], dtype=bool)
 
     def _check_fitted(self, x: np.ndarray | None = None) -> None:
         from sklearn.utils.validation import check_is_fitted
