@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -157,6 +159,27 @@ def test_directory_named_like_a_channel(tmp_path: Path) -> None:
     folder = tmp_path / "x_red.png"
     folder.mkdir()
     assert _error(folder).code == "not_a_file"
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO, errno.ESTALE, errno.ETIMEDOUT])
+def test_an_open_failing_for_the_surroundings_is_raised_as_it_is_not_as_a_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Too many open files, a failing disk or network share: nothing about the file, so no
+    StackError (which would file the stack in failed/); the agent tries it again."""
+    path = write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    real_open = os.open
+
+    def failing(name: Any, flags: int, *args: Any) -> int:
+        if Path(name) == path:
+            raise OSError(code, os.strerror(code), str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", failing)
+    with pytest.raises(OSError, match=os.strerror(code)) as info:
+        read_channel(path)
+    assert not isinstance(info.value, StackError)
+    assert info.value.errno == code
 
 
 def test_unreadable_file_gives_permission_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ where it cannot. The process-level crash points are in test_crashpoints.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -260,6 +261,31 @@ def test_a_stack_that_fails_unexpectedly_on_every_attempt_fails_for_good_once(
     (error,) = errors(subscriber)
     assert error["code"] == "inference_failed"
     assert len(tries) == agent.breaker.per_stack
+
+
+def test_a_file_that_cannot_be_opened_for_now_is_tried_again_not_failed(
+    tmp_path, broker, subscriber, demo_bundle, stacks, monkeypatch
+):
+    """Too many open files (or a network share failing for now) says nothing about the stack:
+    it is deferred and taken again, and gets its result; no error, nothing in failed/."""
+    config = config_for(tmp_path, broker.port)
+    real_open = os.open
+    refused: list[str] = []
+
+    def crowded(name: Any, flags: int, *args: Any) -> int:
+        if Path(name).name == "m_red.png" and len(refused) < 2:
+            refused.append(str(name))
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
+        return real_open(name, flags, *args)
+
+    with running(config, demo_bundle) as agent:
+        agent.breaker.retry_after = 0.2
+        monkeypatch.setattr(os, "open", crowded)
+        drop(stacks["a"], config.watch.folder, "m")
+        assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
+    assert len(refused) == 2
+    assert errors(subscriber) == []
+    assert names_in(config.folder("failed")) == []
 
 
 def test_a_stack_whose_file_changed_while_it_was_read_is_taken_again_once_it_settles(

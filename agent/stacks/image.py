@@ -76,6 +76,17 @@ RAW_TIFF = os.environ.get("HPA_EDGE_RAW_TIFF", "1") != "0"
 # 16-bit channel: 6-7 ms of sha256 beside 20-30 ms of inflating); smaller ones are not worth it.
 HASH_BESIDE_BYTES = 1 << 20
 HASH_THREADS = 2  # one per decode thread of the agent
+# Errors opening a file that say nothing about the file: the process's own limits (open files,
+# memory), a call interrupted, a disk or a network share failing for now. They are raised as
+# they are, not as a verdict on the stack: the agent keeps the stack and tries it again
+# (`agent.service.breaker`). Other errors (permission denied...) are the file's `unreadable`.
+PASSING_ERRNOS = frozenset(
+    {
+        errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.EIO,
+        errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNRESET, errno.EHOSTDOWN,
+        errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ENOLINK,
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -283,6 +294,8 @@ def _open(path: Path) -> BinaryIO:
         if exc.errno == errno.ELOOP:
             message = "is a symbolic link; the agent reads only regular files"
             raise StackError("symlink", message, path) from None
+        if exc.errno in PASSING_ERRNOS:
+            raise  # the surroundings, not the file (PASSING_ERRNOS)
         raise StackError("unreadable", f"cannot be read: {exc.strerror or exc}", path) from None
     return handle
 
