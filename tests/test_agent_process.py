@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -152,6 +153,33 @@ def test_predict_prints_one_json_result_per_stack_and_errors_on_stderr(tmp_path,
     errors = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert errors == [{"stack_id": "p3", "code": "missing_channel", "message": errors[0]["message"]}]
     assert "yellow" in errors[0]["message"]
+
+
+def test_predict_reports_a_stack_the_machine_cannot_open_for_now_and_goes_on(
+    tmp_path, stack_source, monkeypatch, capsys
+):
+    """Too many open files is no verdict on the stack (no `unreadable`), and it does not end
+    the run: one line says so, the other stacks get their results."""
+    from agent.cli import main
+
+    folder = tmp_path / "stacks"
+    folder.mkdir()
+    drop(stack_files(stack_source, 31), folder, "p1")
+    drop(stack_files(stack_source, 32), folder, "p2")
+    real_open = os.open
+
+    def crowded(name, flags, *args):
+        if Path(name).name == "p1_green.png":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", crowded)
+    assert main(["predict", "--bundle", str(REPO / "models" / "demo"), str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["stack_id"] for line in out.splitlines()] == ["p2"]
+    (error,) = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert (error["stack_id"], error["code"]) == ("p1", "os_error")
+    assert "Too many open files" in error["message"]
 
 
 def test_predict_gives_the_same_scores_as_the_agent(tmp_path, broker, subscriber, stack_source):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +27,27 @@ def test_reports_each_stack_and_fails_when_one_is_bad(
     assert "FAIL bad:" in out
     assert "bad_green.png" in out
     assert "[empty_file]" in out
+    assert "1 of 2 stacks OK" in out
+
+
+def test_a_stack_the_machine_cannot_open_for_now_is_reported_and_the_others_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_stack(tmp_path, "good")
+    write_stack(tmp_path, "busy")
+    real_open = os.open
+
+    def crowded(name: Any, flags: int, *args: Any) -> int:
+        if Path(name).name == "busy_red.png":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", crowded)
+    assert main(["check-stack", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "OK   good: 64 x 64 uint8" in out
+    assert "FAIL busy:" in out
+    assert "[os_error]" in out
     assert "1 of 2 stacks OK" in out
 
 

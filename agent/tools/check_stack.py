@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             report.update(ok=False, **exc.to_dict())
             text = f"FAIL {stack_id}: {exc}"
+        except OSError as exc:  # the machine's, not the stack's (image.PASSING_ERRNOS)
+            failures += 1
+            report.update(ok=False, code="os_error", message=str(exc), path=str(exc.filename or ""))
+            text = f"FAIL {stack_id}: {exc} (not about the stack: check it again) [os_error]"
         else:
             height, width = stack.shape
             bits = 8 if stack.dtype.name == "uint8" else auto_bits(stack.channels.values())

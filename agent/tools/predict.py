@@ -63,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline(bundle, args.instrument)
     failures = 0
     for stack_id, paths in sorted(stacks.items()):
-        outcome = pipeline.analyse(stack_id, paths)  # a stack lacking a channel fails as missing_channel
+        try:
+            outcome = pipeline.analyse(stack_id, paths)  # a stack lacking a channel fails as missing_channel
+        except OSError as exc:  # the machine's, not the stack's (image.PASSING_ERRNOS): said, and on
+            failures += 1
+            message = f"{exc}; not about the stack: run it again"
+            print(json.dumps({"stack_id": stack_id, "code": "os_error", "message": message}), file=sys.stderr)
+            continue
         if outcome.kind == "result":
             sys.stdout.write(encode(outcome.document).decode() + "\n")
         else:
