@@ -265,8 +265,7 @@ def _read_channel(
             turns.opened[previous].wait()
         with open_channel(path, limits) as file, _reserve(budget, file, reducer):
             header = file.header
-            dtype = np.dtype(np.uint16 if header.bits == 16 else np.uint8)
-            kind: _Kind = ((header.height, header.width), dtype)
+            kind: _Kind = ((header.height, header.width), header.dtype)
             turns.open(i, kind)
             began = time.perf_counter()
             channel = file.read()
