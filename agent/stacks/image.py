@@ -77,12 +77,13 @@ RAW_TIFF = os.environ.get("HPA_EDGE_RAW_TIFF", "1") != "0"
 HASH_BESIDE_BYTES = 1 << 20
 HASH_THREADS = 2  # one per decode thread of the agent
 # Errors opening a file that say nothing about the file: the process's own limits (open files,
-# memory), a call interrupted, a disk or a network share failing for now. They are raised as
-# they are, not as a verdict on the stack: the agent keeps the stack and tries it again
-# (`agent.service.breaker`). Other errors (permission denied...) are the file's `unreadable`.
+# memory), a disk or a network share failing for now (an interrupted call, Python retries
+# itself). They are raised as they are, not as a verdict on the stack: the agent keeps the
+# stack and tries it again (`agent.service.breaker`). Other errors (permission denied...) are
+# the file's `unreadable`.
 PASSING_ERRNOS = frozenset(
     {
-        errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.EIO,
+        errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EIO,
         errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNRESET, errno.EHOSTDOWN,
         errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ENOLINK,
     }

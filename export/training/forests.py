@@ -344,13 +344,12 @@ class LocationForests(BaseEstimator):  # type: ignore[misc]  # scikit-learn ship
     @property
     def trained_locations(self) -> list[int]:
         """The locations that have a forest (the others, not trained or not predicted, get no label)."""
-        self._check_fitted()
-        return [j for j, forest in enumerate(self.forests_) if forest is not None]
+        return [j for j, has_forest in enumerate(self.available_) if has_forest]
 
     @property
     def available_(self) -> np.ndarray:
-        """Per location, whether it has a forest (`trained_locations`) as a mask: the device's
-        `Trust.available`, what the set confidence and the review count."""
+        """Per location, whether it has a forest, as a mask: the device's `Trust.available`,
+        what the set confidence and the review count."""
         self._check_fitted()
         return np.array([forest is not None for forest in self.forests_], dtype=bool)
 
