@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from agent.service.log import parse_line
 from agent.stacks.labels import CHANNELS
 from tests.agent_harness import drop, stack_files, write_config
 from tests.broker import retained
+from tests.helpers import refuse_open
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -166,14 +166,7 @@ def test_predict_reports_a_stack_the_machine_cannot_open_for_now_and_goes_on(
     folder.mkdir()
     drop(stack_files(stack_source, 31), folder, "p1")
     drop(stack_files(stack_source, 32), folder, "p2")
-    real_open = os.open
-
-    def crowded(name, flags, *args):
-        if Path(name).name == "p1_green.png":
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(os, "open", crowded)
+    refuse_open(monkeypatch, "p1_green.png")
     assert main(["predict", "--bundle", str(REPO / "models" / "demo"), str(folder)]) == 1
     out, err = capsys.readouterr()
     assert [json.loads(line)["stack_id"] for line in out.splitlines()] == ["p2"]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from agent.cli import main
-from tests.helpers import write_png, write_stack
+from tests.helpers import refuse_open, write_png, write_stack
 
 
 def test_reports_each_stack_and_fails_when_one_is_bad(
@@ -35,14 +32,7 @@ def test_a_stack_the_machine_cannot_open_for_now_is_reported_and_the_others_chec
 ) -> None:
     write_stack(tmp_path, "good")
     write_stack(tmp_path, "busy")
-    real_open = os.open
-
-    def crowded(name: Any, flags: int, *args: Any) -> int:
-        if Path(name).name == "busy_red.png":
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(os, "open", crowded)
+    refuse_open(monkeypatch, "busy_red.png")
     assert main(["check-stack", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "OK   good: 64 x 64 uint8" in out

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -23,7 +22,7 @@ from agent.stacks import image
 from agent.stacks.errors import StackError
 from agent.stacks.image import Limits, open_channel, read_channel
 from tests.conftest import REPO
-from tests.helpers import write_png
+from tests.helpers import refuse_open, write_png
 
 
 def _error(path: Path, limits: Limits = Limits()) -> StackError:
@@ -168,14 +167,7 @@ def test_an_open_failing_for_the_surroundings_is_raised_as_it_is_not_as_a_verdic
     """Too many open files, a failing disk or network share: nothing about the file, so no
     StackError (which would file the stack in failed/); the agent tries it again."""
     path = write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
-    real_open = os.open
-
-    def failing(name: Any, flags: int, *args: Any) -> int:
-        if Path(name) == path:
-            raise OSError(code, os.strerror(code), str(name))
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(os, "open", failing)
+    refuse_open(monkeypatch, path.name, code)
     with pytest.raises(OSError, match=os.strerror(code)) as info:
         read_channel(path)
     assert not isinstance(info.value, StackError)

@@ -8,7 +8,6 @@ where it cannot. The process-level crash points are in test_crashpoints.py.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from agent.service.watcher import list_folder
 from agent.stacks.labels import CHANNELS
 from tests.agent_harness import config_for, drop, running
 from tests.broker import Subscriber
-from tests.helpers import write_stack
+from tests.helpers import refuse_open, write_stack
 from tests.test_faults import fill, tmpfs
 
 pytestmark = pytest.mark.integration
@@ -269,18 +268,9 @@ def test_a_file_that_cannot_be_opened_for_now_is_tried_again_not_failed(
     """Too many open files (or a network share failing for now) says nothing about the stack:
     it is deferred and taken again, and gets its result; no error, nothing in failed/."""
     config = config_for(tmp_path, broker.port)
-    real_open = os.open
-    refused: list[str] = []
-
-    def crowded(name: Any, flags: int, *args: Any) -> int:
-        if Path(name).name == "m_red.png" and len(refused) < 2:
-            refused.append(str(name))
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(name))
-        return real_open(name, flags, *args)
-
     with running(config, demo_bundle) as agent:
         agent.breaker.retry_after = 0.2
-        monkeypatch.setattr(os, "open", crowded)
+        refused = refuse_open(monkeypatch, "m_red.png", times=2)
         drop(stacks["a"], config.watch.folder, "m")
         assert subscriber.wait_for(lambda: len(results(subscriber)) == 1)
     assert len(refused) == 2
